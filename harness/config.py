@@ -1,0 +1,139 @@
+"""Typed configuration: the schema every YAML file under conf/ is merged onto.
+
+Owns: the dataclasses (one per concern, one home per default, a comment per field), their
+registration in Hydra's ConfigStore, the cross-field checks (`__post_init__` runs when
+`to_config` turns a composed DictConfig into these objects), where conf/ lives, and the small
+argv fix that lets `device=0,1` reach our device parser outside multirun.
+
+The user-pluggable parts (model, dataset, loss, metric, optimizer) are `_target_` nodes typed
+`Any`: Hydra instantiates them; everything the harness itself reads is typed here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+class ConfigError(ValueError):
+    """A value that passes Hydra's type check but breaks a rule; names the key and what is valid."""
+
+
+@dataclass
+class DataConfig:
+    url: str = MISSING  # the dataset file: file://, http:// or https://
+    sha256: str = ""  # expected digest of that file; a file:// source without one is hashed and logged
+    root: str = "${oc.env:HARNESS_CACHE,'~/.cache/harness'}"  # cache directory (one per node)
+    batch_size: int = 64  # the GLOBAL batch: split over ranks and accumulation micro-steps
+    num_workers: int = 0  # DataLoader worker processes per rank
+    # called as dataset(path=<verified cached file>, split="train" | "val")
+    dataset: Any = MISSING
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10  # passes over the training set
+    accumulate: int = 1  # micro-steps per optimizer step (the global batch stays data.batch_size)
+    log_every: int = 20  # optimizer steps between loss logs: the only host-device sync in the loop
+    grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
+    deterministic: bool = False  # torch.use_deterministic_algorithms + no cuDNN benchmark
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "accumulate", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"trainer.{key}={getattr(self, key)} must be >= 1")
+        if self.grad_clip < 0:
+            raise ConfigError(f"trainer.grad_clip={self.grad_clip} must be >= 0 (0 = off)")
+
+
+@dataclass
+class DistConfig:
+    nproc: int = 0  # processes on this node: 0 = one per GPU id, or 1 on CPU; for CPU runs
+    backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
+    timeout: float = 600.0  # seconds a collective may wait before the process group gives up
+    max_restarts: int = 0  # times the elastic agent restarts failed workers (launcher mode)
+    omp_threads: int = 0  # OMP_NUM_THREADS for workers when unset: 0 = as torchrun (1 if nproc > 1)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"dist.backend={self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.timeout <= 0:
+            raise ConfigError(f"dist.timeout={self.timeout} must be > 0 seconds")
+        for key in ("nproc", "max_restarts", "omp_threads"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"dist.{key}={getattr(self, key)} must be >= 0")
+
+
+@dataclass
+class Config:
+    device: Any = ""  # '', auto, cpu, cuda, 0, 0,1,2,3, cuda:0 ... (see harness/devices.py)
+    seed: int = 0  # same on every rank for the model; data order is seeded from it too
+    run_root: str = "runs"  # run directories go to <run_root>/<run id>
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = MISSING  # _target_: the nn.Module
+    optim: Any = MISSING  # _target_: an optimizer class, called with params=...
+    loss: Any = field(default_factory=lambda: {"_target_": "torch.nn.CrossEntropyLoss"})
+    metric: Any = field(default_factory=lambda: {"_target_": "harness.metrics.Accuracy"})
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+def conf_dir() -> Path:
+    """conf/ at the top of a checkout (or editable install); harness/conf inside an installed wheel."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "conf", package.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"no conf/config.yaml next to {package} or inside it")
+
+
+def asset_url(name: str) -> str:
+    """`${harness.asset:digits.npz}`: the file:// URL of a dataset shipped inside the package."""
+    path = Path(__file__).resolve().parent / "data" / "assets" / name
+    return path.as_uri()
+
+
+def register_configs() -> None:
+    """Put the schema in Hydra's ConfigStore and the resolvers in OmegaConf. Call before composing."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="harness_schema", node=Config)
+    if not OmegaConf.has_resolver("harness.asset"):
+        OmegaConf.register_new_resolver("harness.asset", asset_url)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Resolve and validate a composed config: runs every `__post_init__` check."""
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config), type(obj)
+    return obj
+
+
+_SWEEP_FLAGS = ("-m", "--multirun")
+
+
+def quote_device_override(argv: list[str]) -> list[str]:
+    """`device=0,1` is a sweep to Hydra (and an error outside -m); quote it so it stays one string.
+
+    Leaves multirun command lines alone (there `device=0,1` IS a sweep over two runs), and leaves
+    already quoted or bracketed values (`device='0,1'`, `device=[0,1]`) as they are.
+    """
+    if any(a in _SWEEP_FLAGS for a in argv):
+        return list(argv)
+    out = []
+    for arg in argv:
+        m = re.fullmatch(r"(\+{0,2}device)=(.*)", arg, flags=re.S)
+        if m and "," in m.group(2) and m.group(2)[:1] not in ("'", '"', "["):
+            arg = f"{m.group(1)}='{m.group(2)}'"
+        out.append(arg)
+    return out

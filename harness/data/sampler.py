@@ -1,0 +1,63 @@
+"""Which samples each rank sees.
+
+Training: `GlobalBatchSampler` shuffles the dataset with a seed that depends only on (seed, epoch),
+cuts the permutation into global batches, and gives rank r the r-th slice of each. The global
+batches are therefore the same for any world size, every rank runs the same number of steps, and a
+sampler started at `start_step` continues an epoch exactly where a checkpoint left it. The tail that
+does not fill a global batch is dropped (a different tail each epoch).
+
+Evaluation: `ShardSampler` gives rank r the indices r, r + world, ... with no padding, so summed
+metrics count every sample exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    def __init__(self, n: int, global_batch: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
+        if n < global_batch:
+            raise ValueError(f"the dataset has {n} samples, fewer than one global batch of {global_batch}")
+        self.n, self.global_batch, self.rank, self.world_size = n, global_batch, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch = 0
+        self.start_step = 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return self.n // self.global_batch - self.start_step
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        per_rank = self.global_batch // self.world_size
+        for step in range(self.start_step, self.steps_per_epoch):
+            start = step * self.global_batch + self.rank * per_rank
+            yield order[start : start + per_rank]
+
+
+class ShardSampler(Sampler[int]):
+    def __init__(self, n: int, *, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.rank, self.world_size = n, rank, world_size
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.world_size))

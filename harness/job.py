@@ -1,0 +1,49 @@
+"""One training job in one process: composed config -> session -> data, model, optimizer -> fit.
+
+Owns the step from configuration to objects: fetching the dataset inside `zero_first`, and
+instantiating the user-pluggable `_target_` parts (dataset, model, optimizer, loss, metric).
+The same function runs in a launcher that trains in-process, in each worker our launcher starts,
+and in each worker started by torchrun or srun.
+"""
+
+from __future__ import annotations
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from harness import engine, rundir
+from harness.batching import plan_batch
+from harness.config import to_config
+from harness.data.cache import fetch
+from harness.dist import zero_first
+from harness.logs import get_logger
+from harness.session import seed_everything, session
+
+
+def run_job(cfg: DictConfig, *, run_id: str | None = None) -> engine.FitResult:
+    """Train the job `cfg` describes, as this process's rank; raises on any failure."""
+    c = to_config(cfg)
+    with session(device=c.device, backend=c.dist.backend, timeout_s=c.dist.timeout, run_root=c.run_root,
+                 run_id_override=run_id, deterministic=c.trainer.deterministic) as s:
+        log = get_logger()
+        batch = plan_batch(c.data.batch_size, s.world_size, c.trainer.accumulate)
+        config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        if s.is_master:
+            rundir.write_text_atomic(s.run_dir / "config.yaml", config_yaml)
+        with zero_first("data"):
+            path = fetch(c.data.url, c.data.sha256, c.data.root)
+        log.info(f"dataset {c.data.url} -> {path}")
+        train_set = instantiate(cfg.data.dataset, path=str(path), split="train")
+        val_set = instantiate(cfg.data.dataset, path=str(path), split="val")
+
+        seed_everything(c.seed)  # the same initial weights on every rank
+        model = instantiate(cfg.model).to(s.device)
+        optimizer = instantiate(cfg.optim, params=model.parameters())
+        loss_fn = instantiate(cfg.loss)
+        metric = instantiate(cfg.metric)
+        seed_everything(c.seed + s.rank)  # per-rank randomness (augmentation, dropout) differs
+        return engine.fit(model=model, optimizer=optimizer, loss_fn=loss_fn, metric=metric,
+                          train_set=train_set, val_set=val_set, batch=batch, trainer=c.trainer,
+                          device=s.device, run_dir=s.run_dir, seed=c.seed, num_workers=c.data.num_workers,
+                          config_yaml=config_yaml)
+

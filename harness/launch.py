@@ -1,0 +1,71 @@
+"""Starting worker processes on this node through PyTorch's elastic launcher (torchrun's engine).
+
+Owns: the LaunchConfig (c10d rendezvous on 127.0.0.1:0, restarts from `dist.max_restarts`), the
+environment the workers inherit (CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS as torchrun sets it,
+HARNESS_RUN_ID so every worker names the same run directory), and turning a worker failure into an
+exit code. Workers are `python -m harness.train <the job's overrides>`, the same command torchrun
+would run, so launcher mode and torchrun mode share one worker path.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from harness.devices import DevicePlan
+
+
+def worker_environment(plan: DevicePlan, run_id: str, omp_threads: int, environ: Mapping[str, str]) -> dict[str, str]:
+    """Variables to set for the workers (pure). OMP_NUM_THREADS: the user's value wins; else
+    `dist.omp_threads`; else torchrun's rule (1 when several processes share the node)."""
+    env = {"HARNESS_RUN_ID": run_id, "HARNESS_LAUNCHED": "1"}
+    if plan.cuda_visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = plan.cuda_visible_devices
+    if "OMP_NUM_THREADS" not in environ:
+        env["OMP_NUM_THREADS"] = str(omp_threads or (1 if plan.nproc > 1 else os.cpu_count() or 1))
+    return env
+
+
+@contextmanager
+def patched_environ(changes: Mapping[str, str]) -> Iterator[None]:
+    """Set variables for the duration (workers inherit them), then restore: a multirun's next job
+    must start from the user's environment, not ours."""
+    saved = {k: os.environ.get(k) for k in changes}
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def launch_workers(plan: DevicePlan, *, run_id: str, overrides: list[str], max_restarts: int,
+                   omp_threads: int) -> int:
+    """Run `plan.nproc` workers to completion; return the exit code for the launcher."""
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=plan.nproc,
+        run_id=run_id,
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=max_restarts,
+        monitor_interval=0.1,
+        local_addr="127.0.0.1",
+    )
+    with patched_environ(worker_environment(plan, run_id, omp_threads, os.environ)):
+        try:
+            elastic_launch(config, sys.executable)("-u", "-m", "harness.train", *overrides)
+        except ChildFailedError as exc:
+            # the failing rank's traceback was printed by the worker (@record); this names the rank
+            print(f"error: worker(s) failed:\n{exc.format_msg()}", file=sys.stderr)
+            return 1
+    return 0

@@ -1,0 +1,82 @@
+"""Rank-aware logging and the metrics file.
+
+Owns the one logger (`harness`) and who writes where: rank 0 writes to the console and to
+`<run>/train.log`; every rank writes its own `<run>/logs/rank<r>.log`; other ranks send only
+warnings and errors to the console, prefixed with their rank. Also `MetricsWriter`, the per-epoch
+`metrics.csv` that only rank 0 writes. (Named logs.py so that `import logging` always means the
+standard library.)
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+from pathlib import Path
+
+LOGGER = "harness"
+FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def get_logger() -> logging.Logger:
+    return logging.getLogger(LOGGER)
+
+
+def setup_console(rank: int = 0) -> logging.Logger:
+    """Console only, before the run directory exists."""
+    log = get_logger()
+    log.setLevel(logging.INFO)
+    log.propagate = False  # Hydra may configure the root logger; never print twice
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    console = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
+    if rank == 0:
+        console.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        console.setLevel(logging.WARNING)
+        console.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
+    log.addHandler(console)
+    return log
+
+
+def setup_files(run_dir: Path, rank: int) -> logging.Logger:
+    """Add the run directory's files: train.log on rank 0, logs/rank<r>.log on every rank."""
+    log = get_logger()
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    own = logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")
+    own.setFormatter(logging.Formatter(FORMAT))
+    log.addHandler(own)
+    if rank == 0:
+        main = logging.FileHandler(run_dir / "train.log")
+        main.setFormatter(logging.Formatter(FORMAT))
+        log.addHandler(main)
+    return log
+
+
+def close() -> None:
+    log = get_logger()
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+
+
+class MetricsWriter:
+    """Appends one row per epoch to metrics.csv; the header comes from the first row's keys."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fields: list[str] | None = None
+        if path.is_file() and path.stat().st_size:
+            with open(path, newline="") as f:
+                self.fields = next(csv.reader(f), None)
+
+    def write(self, row: dict[str, float | int | str]) -> None:
+        new = self.fields is None
+        if self.fields is None:
+            self.fields = list(row)
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)

@@ -1,0 +1,126 @@
+"""One process's place in a run: its device, its process group, the run directory, its logs.
+
+Owns the worker-side start-up that every way of starting shares (in-process launcher, torchrun,
+srun, a user's own script): read the environment, pick and pin the device before CUDA starts,
+join the process group, agree on the run directory, open the logs, print the banner; and tear it
+all down in `finally`. This is also the Python API for people who write their own training script:
+
+    with harness.session(device="cpu", seed=0) as s:
+        model = MyNet().to(s.device)
+        harness.fit(model=model, ..., device=s.device, run_dir=s.run_dir)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness import dist as hdist
+from harness import logs, rundir
+from harness.devices import DeviceError, banner, count_visible_gpus, parse_device, plan_devices
+from harness.env import DistEnv, detect, run_id
+from harness.utils.meta import describe_version
+
+
+@dataclass(frozen=True)
+class Session:
+    env: DistEnv
+    device: torch.device
+    run_dir: Path
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def is_master(self) -> bool:
+        return self.env.rank == 0
+
+
+def _worker_uses_cuda(device: object, env: DistEnv, environ: Mapping[str, str]) -> bool:
+    """Decide CPU or CUDA in this process, and pin explicit GPU ids before CUDA starts.
+
+    Our own launcher already set the mask for its workers (HARNESS_RUN_ID marks them); under plain
+    torchrun or srun, `device=2,3` becomes CUDA_VISIBLE_DEVICES=2,3 here, one id per local rank.
+    """
+    request = parse_device(device)
+    if request.kind == "cpu":
+        return False
+    visible = count_visible_gpus()
+    if request.kind == "auto" or request.ids is None or "HARNESS_LAUNCHED" in environ:
+        if request.kind != "auto" and visible == 0:
+            raise DeviceError(f"device={device!r} asks for CUDA GPUs, but none is visible; use device=cpu")
+        return visible > 0
+    plan = plan_devices(request, visible_gpus=visible, nproc=env.local_world_size,
+                        current_mask=environ.get("CUDA_VISIBLE_DEVICES"), raw=device)
+    if not torch.cuda.is_initialized():
+        os.environ["CUDA_VISIBLE_DEVICES"] = plan.cuda_visible_devices or ""
+    return True
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def _banner(device: torch.device) -> str:
+    import psutil
+
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return banner(version=describe_version(), torch_version=torch.__version__,
+                      gpus=[(device.index or 0, p.name, p.total_memory)])
+    return banner(version=describe_version(), torch_version=torch.__version__,
+                  cpu_cores=os.cpu_count(), ram_bytes=psutil.virtual_memory().total)
+
+
+@contextmanager
+def session(
+    *,
+    device: object = "",
+    backend: str = "auto",
+    timeout_s: float = 600.0,
+    run_root: str | os.PathLike[str] = "runs",
+    run_id_override: str | None = None,
+    deterministic: bool = False,
+    environ: Mapping[str, str] | None = None,
+) -> Iterator[Session]:
+    """Start this process's part of a run (see module docstring); always tears down."""
+    environ = os.environ if environ is None else environ
+    env = detect(environ)
+    if env.mode == "launcher":
+        env = DistEnv("launcher", restart_count=env.restart_count)  # one process: rank 0 of 1
+    cuda = _worker_uses_cuda(device, env, environ)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    chosen = backend if backend != "auto" else ("nccl" if cuda else "gloo")
+    log = logs.setup_console(env.rank)
+    try:
+        dev = hdist.init(env, backend=chosen, timeout_s=timeout_s, cuda=cuda)
+        root = Path(run_root)
+        rid = run_id_override or run_id(environ)
+        if rid is None:  # torchrun without --rdzv-id: rank 0 picks a fresh timestamp and shares it
+            rid = hdist.share_from_master("run_id", rundir.create_unique(root).name if env.rank == 0 else None)
+        run_dir = rundir.ensure(root, rid)
+        logs.setup_files(run_dir, env.rank)
+        if env.rank == 0:
+            log.info(_banner(dev))
+            log.info(f"run directory {run_dir} ({env.mode}, world size {env.world_size}, backend {chosen})")
+        yield Session(env, dev, run_dir)
+    finally:
+        logs.close()
+        hdist.teardown()

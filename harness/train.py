@@ -1,0 +1,99 @@
+"""Entry point: `python -m harness.train [overrides]`, also under torchrun and srun.
+
+Detects how it was started (harness/env.py) and takes one of two paths:
+- launcher: Hydra composes the config (overrides, multirun, --help, --cfg); we check devices and
+  batch before anything starts, choose the run id, then train here (one process) or start the
+  workers through the elastic launcher (harness/launch.py), each running this same module;
+- worker (torchrun, srun, or our own launcher's children): compose the same overrides without
+  Hydra's run directories or logging, and run the job as this process's rank.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from harness import rundir
+from harness.batching import BatchSizeError, plan_batch
+from harness.config import ConfigError, conf_dir, quote_device_override, register_configs, to_config
+from harness.devices import DeviceError, check_mask_change, count_visible_gpus, parse_device, plan_devices
+from harness.env import detect, run_id
+from harness.job import run_job
+from harness.launch import launch_workers, patched_environ
+
+USER_ERRORS = (DeviceError, BatchSizeError, ConfigError)
+EXIT_USER_ERROR = 2
+
+
+def launch(cfg: DictConfig) -> int:
+    """Launcher mode for one (multirun: each) job; returns the exit code."""
+    hc = HydraConfig.get()
+    job_num = hc.job.num if hc.mode == RunMode.MULTIRUN else None
+    try:
+        c = to_config(cfg)
+        mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+        plan = plan_devices(parse_device(c.device), visible_gpus=count_visible_gpus(), nproc=c.dist.nproc,
+                            current_mask=mask, raw=c.device)
+        plan_batch(c.data.batch_size, plan.nproc, c.trainer.accumulate)
+        if plan.nproc == 1:
+            import torch
+
+            check_mask_change(plan.cuda_visible_devices, mask, torch.cuda.is_initialized())
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    from pathlib import Path
+
+    rid = run_id(os.environ, job_num) or rundir.create_unique(Path(c.run_root)).name
+    if plan.nproc == 1:
+        env = {"CUDA_VISIBLE_DEVICES": plan.cuda_visible_devices} if plan.cuda_visible_devices else {}
+        with patched_environ({**env, "HARNESS_LAUNCHED": "1"}):
+            run_job(cfg, run_id=rid)
+        return 0
+    return launch_workers(plan, run_id=rid, overrides=list(hc.overrides.task),
+                          max_restarts=c.dist.max_restarts, omp_threads=c.dist.omp_threads)
+
+
+@hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    code = launch(cfg)
+    if code:
+        sys.exit(code)
+
+
+@record
+def worker(argv: list[str]) -> None:
+    """Worker mode: same overrides, no Hydra run directory or log files, this process's rank."""
+    flags = [a for a in argv if a.startswith("-")]
+    if flags:
+        raise SystemExit(f"error: {flags[0]!r}: under torchrun or srun pass overrides only "
+                         "(sweeps with -m run from the launcher: python -m harness.train -m ...)")
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=quote_device_override(argv))
+    try:
+        run_job(cfg, run_id=run_id(os.environ))
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
+
+
+def main() -> None:
+    register_configs()
+    argv = sys.argv[1:]
+    if detect(os.environ).is_worker:
+        worker(argv)
+        return
+    sys.argv = [sys.argv[0], *quote_device_override(argv)]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
