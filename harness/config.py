@@ -27,12 +27,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    url: str = MISSING  # the dataset file: file://, http:// or https://
+    url: str = ""  # the dataset file: file://, http:// or https://; "" = the dataset needs no file
     sha256: str = ""  # expected digest of that file; a file:// source without one is hashed and logged
     root: str = "${oc.env:HARNESS_CACHE,'~/.cache/harness'}"  # cache directory (one per node)
     batch_size: int = 64  # the GLOBAL batch: split over ranks and accumulation micro-steps
     num_workers: int = 0  # DataLoader worker processes per rank
-    # called as dataset(path=<verified cached file>, split="train" | "val")
+    # called as dataset(path=<verified cached file, or None without url>, split="train" | "val")
     dataset: Any = MISSING
 
     def __post_init__(self) -> None:

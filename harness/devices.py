@@ -117,8 +117,9 @@ def plan_devices(
 
     if visible_gpus == 0:
         raise DeviceError(
-            f"device={shown} asks for CUDA GPUs, but none is visible (CUDA not available or "
-            f"CUDA_VISIBLE_DEVICES={current_mask!r}); use device=cpu"
+            f"device={shown} asks for CUDA GPUs, but none is visible ("
+            + (f"CUDA_VISIBLE_DEVICES={current_mask!r}" if current_mask is not None else "no CUDA device found")
+            + "); use device=cpu or device=auto"
         )
     ids = request.ids if request.ids is not None else tuple(range(visible_gpus))
     beyond = [i for i in ids if i >= visible_gpus]

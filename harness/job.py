@@ -30,11 +30,14 @@ def run_job(cfg: DictConfig, *, run_id: str | None = None) -> engine.FitResult:
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         if s.is_master:
             rundir.write_text_atomic(s.run_dir / "config.yaml", config_yaml)
-        with zero_first("data"):
-            path = fetch(c.data.url, c.data.sha256, c.data.root)
-        log.info(f"dataset {c.data.url} -> {path}")
-        train_set = instantiate(cfg.data.dataset, path=str(path), split="train")
-        val_set = instantiate(cfg.data.dataset, path=str(path), split="val")
+        path = None
+        if c.data.url:
+            with zero_first("data"):
+                path = str(fetch(c.data.url, c.data.sha256, c.data.root))
+            log.info(f"dataset {c.data.url} -> {path}")
+        with zero_first("dataset"):  # a dataset may cache derived files of its own on first use
+            train_set = instantiate(cfg.data.dataset, path=path, split="train")
+            val_set = instantiate(cfg.data.dataset, path=path, split="val")
 
         seed_everything(c.seed)  # the same initial weights on every rank
         model = instantiate(cfg.model).to(s.device)

@@ -16,10 +16,10 @@ def timestamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
-def create_unique(root: Path) -> Path:
-    """A new directory named by the current time (with -1, -2, ... on collision)."""
+def create_unique(root: Path, stem: str | None = None) -> Path:
+    """A new directory named `stem` or the current time (with -1, -2, ... on collision)."""
     root.mkdir(parents=True, exist_ok=True)
-    stamp = timestamp()
+    stamp = stem or timestamp()
     for n in range(1000):
         path = root / (stamp if n == 0 else f"{stamp}-{n}")
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -48,16 +49,34 @@ def launch(cfg: DictConfig) -> int:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    from pathlib import Path
-
-    rid = run_id(os.environ, job_num) or rundir.create_unique(Path(c.run_root)).name
+    rid = run_id(os.environ, job_num) or rundir.create_unique(Path(c.run_root), _sweep_stem(job_num)).name
     if plan.nproc == 1:
         env = {"CUDA_VISIBLE_DEVICES": plan.cuda_visible_devices} if plan.cuda_visible_devices else {}
         with patched_environ({**env, "HARNESS_LAUNCHED": "1"}):
             run_job(cfg, run_id=rid)
         return 0
-    return launch_workers(plan, run_id=rid, overrides=list(hc.overrides.task),
+    return launch_workers(plan, run_id=rid, overrides=[*list(hc.overrides.task), *_search_path_override(hc)],
                           max_restarts=c.dist.max_restarts, omp_threads=c.dist.omp_threads)
+
+
+_SWEEP_STAMP: list[str] = []
+
+
+def _sweep_stem(job_num: int | None) -> str | None:
+    """In a multirun, every job's directory shares the sweep's start time: <stamp>_<job number>."""
+    if job_num is None:
+        return None
+    if not _SWEEP_STAMP:
+        _SWEEP_STAMP.append(rundir.timestamp())
+    return f"{_SWEEP_STAMP[0]}_{job_num}"
+
+
+def _search_path_override(hc) -> list[str]:
+    """Workers compose with conf/ only: hand them the user's extra config dirs (--config-dir,
+    hydra.searchpath) as one hydra.searchpath override."""
+    paths = [s.path for s in hc.runtime.config_sources
+             if s.provider in ("command-line", "hydra.searchpath in command-line") and s.schema == "file"]
+    return [f"hydra.searchpath=[{','.join('file://' + p for p in paths)}]"] if paths else []
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
@@ -75,9 +94,16 @@ def worker(argv: list[str]) -> None:
         raise SystemExit(f"error: {flags[0]!r}: under torchrun or srun pass overrides only "
                          "(sweeps with -m run from the launcher: python -m harness.train -m ...)")
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=quote_device_override(argv))
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=quote_device_override(argv))
+    except (HydraException, OmegaConfBaseException) as exc:  # unknown key, wrong type: Hydra's words
+        cause = f"\n{exc.__cause__}" if exc.__cause__ is not None else ""
+        print(f"error: {exc}{cause}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
     try:
         run_job(cfg, run_id=run_id(os.environ))
     except USER_ERRORS as exc:

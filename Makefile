@@ -1,0 +1,39 @@
+# harness -- `make help` lists the targets. The README's two commands: `make train`, `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch, so a CPU machine never pulls a multi-GB CUDA wheel. On a GPU machine:
+#   make venv TORCH_SPEC='torch==2.13.0' PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu128
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv train test test-fast lint clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+venv: $(BIN)/.installed ## create .venv and install the project (CPU torch by default)
+
+train: venv ## run the default job (CPU, offline, shipped digits dataset); extra overrides: ARGS='...'
+	$(BIN)/python -m harness.train $(ARGS)
+
+test: venv ## run the test suite (CPU; real processes; gpu/slurm tests skip without them)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: venv ## the tests not marked slow
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: venv ## ruff over the code and tests
+	$(BIN)/ruff check harness tests examples
+
+clean: ## remove run directories and caches (not .venv)
+	rm -rf runs outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,86 @@
+"""Every config under conf/ composes and validates; the schema rejects what it should."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from harness.config import Config, ConfigError, conf_dir, quote_device_override, register_configs, to_config
+
+CONF = conf_dir()
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
+
+
+def _compose(overrides: list[str]) -> Config:
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return to_config(compose("config", overrides=overrides))
+
+
+def _options() -> list[str]:
+    return [f"{g}={p.stem}" for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+def test_conf_is_the_top_level_folder() -> None:
+    assert CONF == Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.mark.parametrize("option", _options())
+def test_every_config_file_composes(option: str) -> None:
+    cfg = _compose([option])
+    assert cfg.data.batch_size > 0 and cfg.model is not None and cfg.optim is not None
+
+
+@pytest.mark.parametrize("path", sorted(CONF.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONF)))
+def test_every_yaml_opens_with_the_command_that_uses_it(path: Path) -> None:
+    head = path.read_text().splitlines()[:3]
+    if path.parent.name in ("model", "data", "optim", "trainer", "dist", "experiment") or path.name == "config.yaml":
+        assert any("python -m harness.train" in line for line in head), head
+
+
+def test_defaults() -> None:
+    cfg = _compose([])
+    assert cfg.device == "" and cfg.seed == 0 and cfg.dist.timeout == 600.0 and not cfg.trainer.deterministic
+    assert cfg.data.url.startswith("file://") and len(cfg.data.sha256) == 64
+
+
+def test_overrides() -> None:
+    cfg = _compose(["trainer.epochs=2", "data.batch_size=32", "seed=7", "dist.timeout=30",
+                    "trainer.deterministic=true", "device=[0,1]"])
+    assert (cfg.trainer.epochs, cfg.data.batch_size, cfg.seed, cfg.dist.timeout) == (2, 32, 7, 30.0)
+    assert cfg.trainer.deterministic and list(cfg.device) == [0, 1]
+
+
+def test_unknown_key_and_wrong_type_name_the_key() -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose(["trainer.foo=1"])
+    assert "trainer.foo" in str(err.value) and "Key 'foo' not in 'TrainerConfig'" in str(err.value.__cause__)
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose(["trainer.epochs=abc"])
+    assert isinstance(err.value.__cause__, ValidationError) and "trainer.epochs" in str(err.value.__cause__)
+
+
+@pytest.mark.parametrize(("override", "words"), [
+    ("dist.backend=mpi", "dist.backend='mpi' is not one of auto, gloo, nccl"),
+    ("trainer.epochs=0", "trainer.epochs=0 must be >= 1"),
+    ("trainer.accumulate=0", "trainer.accumulate=0 must be >= 1"),
+    ("dist.timeout=0", "dist.timeout=0.0 must be > 0"),
+    ("dist.nproc=-1", "dist.nproc=-1 must be >= 0"),
+])
+def test_cross_field_checks(override: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        _compose([override])
+
+
+def test_device_quoting_outside_multirun() -> None:
+    assert quote_device_override(["device=0,1", "x=1"]) == ["device='0,1'", "x=1"]
+    assert quote_device_override(["device=cuda:0,1"]) == ["device='cuda:0,1'"]
+    assert quote_device_override(["device='0,1'"]) == ["device='0,1'"]
+    assert quote_device_override(["device=[0,1]"]) == ["device=[0,1]"]
+    assert quote_device_override(["device=0"]) == ["device=0"]
+    assert quote_device_override(["-m", "device=0,1"]) == ["-m", "device=0,1"]  # a sweep there
+    assert _compose(quote_device_override(["device=0,1"])).device == "0,1"
