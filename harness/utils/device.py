@@ -1,0 +1,84 @@
+"""YOLOv5's `select_device` and `time_sync`, on the harness's one device grammar.
+
+The grammar, the check against visible GPUs and the banner text live in `harness.devices`; the batch
+check in `harness.batching`. This module turns them into the YOLOv5 call users know. `say` is how
+the toolbox prints: through the `harness` logger when someone configured it, else to stdout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+from harness.batching import plan_batch
+from harness.devices import banner, count_visible_gpus, parse_device, plan_devices
+from harness.utils.meta import date_modified, git_describe
+
+LOGGER = "harness"  # the name harness/logs.py configures; not imported from there (utils sits below it)
+
+
+def say(text: str) -> None:
+    """Log `text` at INFO on the `harness` logger when that would show it (a run configured it), else print.
+
+    YOLOv5 configured its logger at import; ours is configured by the session, so a script that uses the
+    toolbox on its own would otherwise lose the banner and summaries."""
+    log = logging.getLogger(LOGGER)
+    if log.isEnabledFor(logging.INFO) and log.hasHandlers():
+        log.info(text)
+    else:
+        print(text, flush=True)
+
+
+def select_device(
+    device: object = "", batch_size: int | None = None, *, verbose: bool = True
+) -> torch.device:
+    """The torch.device for `device` ('', 'cpu', '0', '0,1', 'cuda:1', [0, 1] ...), with YOLOv5's banner.
+
+    Ids are checked as ids (YOLOv5 compared the number of characters, so '10' passed on a 2-GPU box
+    and '0,1' failed on a 1-GPU box). A `batch_size` > 0 must split evenly over the requested GPUs
+    (None, 0 and YOLOv5's -1 for autobatch skip the check).
+
+    Like YOLOv5, a GPU request narrows CUDA_VISIBLE_DEVICES to the requested ids and returns cuda:0,
+    so DataParallel and `cuda:LOCAL_RANK` see exactly those GPUs. Once CUDA is initialised the mask
+    can no longer change; then the mask is left alone and the first requested id is returned.
+    """
+    request = parse_device(device)
+    visible = 0 if request.kind == "cpu" else count_visible_gpus()
+    if visible and not torch.cuda.is_available():
+        visible = 0  # NVML sees GPUs that the CUDA runtime cannot use (driver mismatch)
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    plan = plan_devices(request, visible_gpus=visible, current_mask=mask, raw=device)
+    if batch_size is not None and batch_size > 0:
+        plan_batch(batch_size, max(len(plan.ids), 1))
+    version = git_describe() or date_modified()
+    if plan.kind == "cpu":
+        if verbose:
+            import psutil
+
+            say(banner(version=version, torch_version=torch.__version__, cpu_cores=os.cpu_count(),
+                       ram_bytes=psutil.virtual_memory().total))
+        return torch.device("cpu")
+
+    if torch.cuda.is_initialized() or plan.cuda_visible_devices == (mask or ""):
+        indices = list(plan.ids)
+    else:
+        # YOLOv5 semantics; harmless here because CUDA has not read the mask yet
+        os.environ["CUDA_VISIBLE_DEVICES"] = plan.cuda_visible_devices or ""
+        indices = list(range(len(plan.ids)))
+    if verbose:
+        gpus = []
+        for shown, index in zip(plan.ids, indices, strict=True):
+            p = torch.cuda.get_device_properties(index)
+            gpus.append((shown, p.name, p.total_memory))
+        say(banner(version=version, torch_version=torch.__version__, gpus=gpus))
+    return torch.device("cuda", indices[0])
+
+
+def time_sync() -> float:
+    """A timestamp in seconds (perf_counter), taken after pending CUDA work finishes when CUDA is in use."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
