@@ -1,4 +1,4 @@
-"""`python -m harness.profile` and `python -m harness.info`: one real run of each command, the rest in-process."""
+"""`python -m harness.profile` and `python -m harness.info`: one real run of each, the rest in-process."""
 
 from __future__ import annotations
 
@@ -39,9 +39,9 @@ def test_profile_command_mlp(tmp_path):
     cfg = hprofile.compose(["model=mlp"])
     m = cfg.model
     hand = m.in_features * m.hidden + m.hidden + m.hidden * m.num_classes + m.num_classes
+    env = command_env(HARNESS_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run([sys.executable, "-m", "harness.profile", "model=mlp", "-n", "2"], cwd=tmp_path,
-                          env=command_env(HARNESS_CACHE=str(tmp_path / "cache")), capture_output=True, text=True,
-                          timeout=120)
+                          env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert f"MLP summary: 6 layers, {hand} parameters, {hand} gradients" in out
@@ -49,13 +49,14 @@ def test_profile_command_mlp(tmp_path):
     batch = cfg.data.batch_size  # one CPU process, no accumulation: the micro-batch is the global batch
     row = out.splitlines()[-1].split()
     assert row[0] == str(hand) and f"({batch}, 1, 8, 8)" in out and f"({batch}, 10)" in out
-    assert float(row[1]) * 1e9 == pytest.approx(2 * batch * (m.in_features * m.hidden + m.hidden * m.num_classes),
-                                                rel=1e-3)
+    flops = 2 * batch * (m.in_features * m.hidden + m.hidden * m.num_classes)
+    assert float(row[1]) * 1e9 == pytest.approx(flops, rel=1e-3)  # printed with 4 significant digits
 
 
 def test_profile_main_with_shape_and_micro_batch(quiet_logger, capsys):
     # 64 global / (2 processes x 2 accumulation) = 16 per forward; --shape: no dataset is read
-    code = hprofile.main(["--shape", "1,8,8", "-n", "1", "device=cpu", "dist.nproc=2", "trainer.accumulate=2"])
+    args = ["--shape", "1,8,8", "-n", "1", "device=cpu", "dist.nproc=2", "trainer.accumulate=2"]
+    code = hprofile.main(args)
     out = capsys.readouterr().out
     assert code == 0, out
     assert "SmallCNN summary" in out and "(16, 1, 8, 8)" in out and "(16, 10)" in out

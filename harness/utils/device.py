@@ -37,44 +37,43 @@ def select_device(
 ) -> torch.device:
     """The torch.device for `device` ('', 'cpu', '0', '0,1', 'cuda:1', [0, 1] ...), with YOLOv5's banner.
 
-    Ids are checked as ids (YOLOv5 compared the number of characters, so '10' passed on a 2-GPU box
-    and '0,1' failed on a 1-GPU box). A `batch_size` > 0 must split evenly over the requested GPUs
-    (None, 0 and YOLOv5's -1 for autobatch skip the check).
+    Ids are checked as ids: YOLOv5 compared the GPU count with the number of characters, so '10'
+    passed on a 2-GPU box and failed later. A `batch_size` > 0 must split evenly over the requested
+    GPUs (None, 0 and YOLOv5's -1 for autobatch skip the check).
 
-    Like YOLOv5, a GPU request narrows CUDA_VISIBLE_DEVICES to the requested ids and returns cuda:0,
-    so DataParallel and `cuda:LOCAL_RANK` see exactly those GPUs. Once CUDA is initialised the mask
-    can no longer change; then the mask is left alone and the first requested id is returned.
+    Unlike YOLOv5 it does not write CUDA_VISIBLE_DEVICES: it returns `cuda:<first requested id>`.
+    The mask only takes effect if it is set before the CUDA runtime starts, and any earlier
+    `torch.cuda.is_available()` starts it without a trace torch can report; a mask written too late
+    made YOLOv5 return cuda:0 for `device='3'` and silently use GPU 0. Narrow the GPUs a process sees
+    before it starts (the launcher does: harness/launch.py, harness/session.py); in DDP each rank
+    passes its own id.
     """
     request = parse_device(device)
     visible = 0 if request.kind == "cpu" else count_visible_gpus()
     if visible and not torch.cuda.is_available():
         visible = 0  # NVML sees GPUs that the CUDA runtime cannot use (driver mismatch)
-    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
-    plan = plan_devices(request, visible_gpus=visible, current_mask=mask, raw=device)
+    plan = plan_devices(request, visible_gpus=visible, current_mask=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                        raw=device)
     if batch_size is not None and batch_size > 0:
         plan_batch(batch_size, max(len(plan.ids), 1))
-    version = git_describe() or date_modified()
     if plan.kind == "cpu":
         if verbose:
             import psutil
 
-            say(banner(version=version, torch_version=torch.__version__, cpu_cores=os.cpu_count(),
+            say(banner(version=_version(), torch_version=torch.__version__, cpu_cores=os.cpu_count(),
                        ram_bytes=psutil.virtual_memory().total))
         return torch.device("cpu")
-
-    if torch.cuda.is_initialized() or plan.cuda_visible_devices == (mask or ""):
-        indices = list(plan.ids)
-    else:
-        # YOLOv5 semantics; harmless here because CUDA has not read the mask yet
-        os.environ["CUDA_VISIBLE_DEVICES"] = plan.cuda_visible_devices or ""
-        indices = list(range(len(plan.ids)))
     if verbose:
         gpus = []
-        for shown, index in zip(plan.ids, indices, strict=True):
-            p = torch.cuda.get_device_properties(index)
-            gpus.append((shown, p.name, p.total_memory))
-        say(banner(version=version, torch_version=torch.__version__, gpus=gpus))
-    return torch.device("cuda", indices[0])
+        for i in plan.ids:
+            p = torch.cuda.get_device_properties(i)
+            gpus.append((i, p.name, p.total_memory))
+        say(banner(version=_version(), torch_version=torch.__version__, gpus=gpus))
+    return torch.device("cuda", plan.ids[0])
+
+
+def _version() -> str:
+    return git_describe() or date_modified()
 
 
 def time_sync() -> float:

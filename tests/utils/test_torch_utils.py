@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 
 import pytest
@@ -22,10 +23,11 @@ from harness.devices import DeviceError
 from harness.utils import meta
 from harness.utils import torch_utils as tu
 
-YOLOV5_NAMES = ("select_device", "time_sync", "profile", "model_info", "fuse_conv_and_bn", "initialize_weights",
-                "find_modules", "scale_img", "EarlyStopping", "date_modified", "git_describe",
-                "torch_distributed_zero_first", "load_classifier", "reshape_classifier_output", "ModelEMA",
-                "de_parallel", "is_parallel", "copy_attr", "smart_inference_mode")
+YOLOV5_NAMES = ("select_device", "time_sync", "profile", "model_info", "fuse_conv_and_bn",
+                "initialize_weights", "find_modules", "scale_img", "EarlyStopping", "date_modified",
+                "git_describe", "torch_distributed_zero_first", "load_classifier",
+                "reshape_classifier_output", "ModelEMA", "de_parallel", "is_parallel", "copy_attr",
+                "smart_inference_mode")
 
 
 @pytest.fixture
@@ -104,6 +106,14 @@ def test_select_device_counts_ids_not_characters(two_fake_gpus):
         tu.select_device("cuda:0,2")
 
 
+def test_select_device_returns_the_requested_id_and_leaves_the_mask(two_fake_gpus, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    assert tu.select_device("cuda:1", batch_size=4, verbose=False) == torch.device("cuda", 1)
+    assert tu.select_device([1, 0], verbose=False) == torch.device("cuda", 1)
+    assert tu.select_device("", verbose=False) == torch.device("cuda", 0)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5"
+
+
 def test_select_device_batch_check(two_fake_gpus):
     with pytest.raises(BatchSizeError, match="not divisible by world size 2.*nearest valid: 2 or 4"):
         tu.select_device("0,1", batch_size=3)
@@ -159,7 +169,7 @@ def test_model_info_conv_flops_formula_at_image_sizes():
     conv = nn.Conv2d(3, 16, 5, stride=2, padding=2, dilation=1, bias=False)
     for img_size, (h, w) in ((64, (32, 32)), ([48, 80], (24, 40)), ((33, 17), (17, 9))):
         gflops = tu.model_info(conv, img_size=img_size)[3]
-        assert gflops * 1e9 == conv_flops(3, 16, 5, 1, h, w), img_size
+        assert gflops * 1e9 == pytest.approx(conv_flops(3, 16, 5, 1, h, w), rel=1e-12), img_size
     assert tu.count_flops(conv, torch.zeros(2, 3, 64, 64)) == 2 * conv_flops(3, 16, 5, 1, 32, 32)
 
 
@@ -171,7 +181,7 @@ def test_model_info_leaves_model_unchanged_and_explicit_shape():
     assert m.training and m.bn.training
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
-    assert tu.model_info(mlp, input_shape=(1, 3, 2, 2))[3] * 1e9 == 2 * 12 * 4
+    assert tu.model_info(mlp, input_shape=(1, 3, 2, 2))[3] * 1e9 == pytest.approx(2 * 12 * 4, rel=1e-12)
     assert tu.model_info(nn.Sequential(nn.Embedding(10, 4)))[3] is None  # integer input: no guess
 
 
@@ -184,7 +194,8 @@ def test_model_info_falls_back_to_real_tensors():
         def forward(self, x):
             return self.conv(x) * float(x.abs().mean().item() + 1)
 
-    assert tu.model_info(NeedsValues(), img_size=10)[3] * 1e9 == conv_flops(1, 2, 3, 1, 8, 8)
+    gflops = tu.model_info(NeedsValues(), img_size=10)[3]
+    assert gflops * 1e9 == pytest.approx(conv_flops(1, 2, 3, 1, 8, 8), rel=1e-12)
 
 
 def test_model_info_verbose_table(quiet_logger, capsys):
@@ -214,11 +225,12 @@ def test_profile_rows(quiet_logger, capsys):
     assert out.count("GPU_mem (GB)") == 1 and "forward (ms)" in out and "backward (ms)" in out
     p, gflops, mem, tf, tb, s_in, s_out = rows[0]
     assert (p, mem, s_in, s_out) == (108, 0.0, (2, 3, 16, 16), (2, 4, 16, 16))
-    assert gflops * 1e9 == 2 * conv_flops(3, 4, 3, 1, 16, 16)
+    assert gflops * 1e9 == pytest.approx(2 * conv_flops(3, 4, 3, 1, 16, 16), rel=1e-12)
     assert tf > 0 and tb > 0 and math.isfinite(tb)
     assert rows[1][0] == 0 and math.isfinite(rows[1][4])  # ReLU: no parameters, has backward
     assert rows[2][6] == (2, 16, 16) and math.isnan(rows[2][4])  # argmax: no backward -> NaN
-    assert rows[4][5] == (1, 3, 16, 16) and rows[4][1] * 1e9 == conv_flops(3, 4, 3, 1, 16, 16)
+    assert rows[4][5] == (1, 3, 16, 16)
+    assert rows[4][1] * 1e9 == pytest.approx(conv_flops(3, 4, 3, 1, 16, 16), rel=1e-12)
     assert not x.requires_grad  # the caller's tensor is left alone
 
 
@@ -278,6 +290,7 @@ def test_scale_img_ratio_one_is_identity():
     assert tu.scale_img(img, 1.0) is img
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's import of torch.jit
 def test_de_parallel(tmp_path):
     m = nn.Linear(2, 2)
     assert tu.de_parallel(m) is m and not tu.is_parallel(m)

@@ -1,4 +1,5 @@
-"""harness.utils.classifier: n-class heads on torchvision-shaped models, local weights only, no torchvision."""
+"""harness.utils.classifier: n-class heads on torchvision-shaped models; local weights only, no torchvision
+needed (the models below have torchvision's layouts)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ class SqueezeNetish(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Conv2d(3, 8, 3)
-        self.classifier = nn.Sequential(nn.Dropout(), nn.Conv2d(8, 1000, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.classifier = nn.Sequential(nn.Dropout(), nn.Conv2d(8, 1000, 1), nn.ReLU(),
+                                        nn.AdaptiveAvgPool2d(1))
 
     def forward(self, x):
         return self.classifier(self.features(x)).flatten(1)
@@ -63,8 +65,8 @@ class Plain(nn.Module):
 X = torch.randn(2, 3, 6, 6)
 
 
-@pytest.mark.parametrize("cls,path", [(ResNetish, "fc"), (VGGish, "classifier.3"), (SqueezeNetish, "classifier.1"),
-                                      (Plain, "body.3")])
+@pytest.mark.parametrize("cls,path", [(ResNetish, "fc"), (VGGish, "classifier.3"),
+                                      (SqueezeNetish, "classifier.1"), (Plain, "body.3")])
 def test_reshape_classifier_output(cls, path):
     model = cls()
     new = reshape_classifier_output(model, 7)
@@ -93,7 +95,8 @@ def test_load_classifier_local_weights(tmp_path):
     assert torch.equal(model(X), torch.zeros(2, 3))
 
     torch.save({"state_dict": pretrained.state_dict()}, tmp_path / "wrapped.pt")
-    assert torch.equal(load_classifier(ResNetish, 3, tmp_path / "wrapped.pt").conv1.bias, pretrained.conv1.bias)
+    wrapped = load_classifier(ResNetish, 3, tmp_path / "wrapped.pt")
+    assert torch.equal(wrapped.conv1.bias, pretrained.conv1.bias)
 
 
 def test_load_classifier_name_forms():
