@@ -1,12 +1,17 @@
-"""Run under torchrun (2 gloo ranks) by test_ema_early_stopping.py: each rank feeds EarlyStopping its own
-fitness sequence and writes what it decided to <out_dir>/rank<r>.json."""
+"""Run under torchrun by test_ema_early_stopping.py (2 gloo ranks) and tests/gpu (2 NCCL ranks): each rank
+feeds EarlyStopping its own fitness sequence and writes what it decided to <out_dir>/rank<r>.json.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 early_stop_ranks.py OUT_DIR [gloo|nccl]
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from harness.utils.torch_utils import EarlyStopping
@@ -16,8 +21,13 @@ from harness.utils.torch_utils import EarlyStopping
 SEQUENCES = {0: [0.1, 0.5, 0.4, 0.4, 0.3, 0.2], 1: [0.9, 0.1, 0.1, 0.1, 0.1, 0.1]}
 
 
-def main(out_dir: Path) -> None:
-    dist.init_process_group("gloo")
+def main(out_dir: Path, backend: str) -> None:
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group(backend)
     rank = dist.get_rank()
     es = EarlyStopping(patience=2)
     stopped, possible = None, []
@@ -34,4 +44,4 @@ def main(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "gloo")
