@@ -37,3 +37,19 @@ lint: venv ## ruff over the code and tests
 
 clean: ## remove run directories and caches (not .venv)
 	rm -rf runs outputs multirun .pytest_cache .ruff_cache
+
+# A throw-away one-node Slurm cluster for the tests marked `slurm` (scripts/slurm/cluster.sh; root,
+# Debian packages). SLURM_FAKE_CPUS lets two 2-task jobs run side by side on a 2-core machine.
+SLURM_DIR ?= $(CURDIR)/.slurm
+SLURM_FAKE_CPUS ?= 4
+SLURM_CONF ?= $(SLURM_DIR)/etc/slurm.conf
+.PHONY: slurm-up slurm-down test-slurm
+
+slurm-up: ## start a one-node Slurm cluster under .slurm/ (installs it; root); then: source .slurm/env.sh
+	SLURM_FAKE_CPUS=$(SLURM_FAKE_CPUS) scripts/slurm/cluster.sh start $(SLURM_DIR)
+
+slurm-down: ## cancel the cluster's jobs and stop its daemons
+	scripts/slurm/cluster.sh stop $(SLURM_DIR)
+
+test-slurm: venv ## only the Slurm tests (real jobs; needs slurm-up or SLURM_CONF of a cluster)
+	SLURM_CONF=$(SLURM_CONF) $(BIN)/python -m pytest tests/slurm $(PYTEST_ARGS)
