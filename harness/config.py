@@ -40,6 +40,11 @@ class DataConfig:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
 
 
+AMP_MODES = ("off", "bf16", "fp16")
+LR_SCHEDULES = ("cosine", "constant")
+LOGGERS = ("csv", "tensorboard")
+
+
 @dataclass
 class TrainerConfig:
     epochs: int = 10  # passes over the training set
@@ -47,13 +52,48 @@ class TrainerConfig:
     log_every: int = 20  # optimizer steps between loss logs: the only host-device sync in the loop
     grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
     deterministic: bool = False  # torch.use_deterministic_algorithms + no cuDNN benchmark
+    amp: str = "off"  # off | bf16 (autocast, CPU or CUDA) | fp16 (CUDA, with a GradScaler)
+    lr_schedule: str = "cosine"  # cosine (to min_lr_ratio x lr at the last step) | constant
+    warmup_steps: int = 0  # linear warmup from 0 over this many optimizer steps
+    min_lr_ratio: float = 0.0  # the cosine schedule's final lr as a fraction of the initial lr
+    ema: bool = False  # keep an EMA of the weights (ModelEMA); evaluated and saved
+    ema_decay: float = 0.9999  # EMA decay after its ramp
+    ema_tau: float = 2000.0  # optimizer steps over which the EMA decay ramps up
+    patience: int = 0  # early stopping: epochs without a better val metric; 0 = never stop early
+    sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA only)
+    channels_last: bool = False  # NHWC memory format for 4-D inputs and the model
+    compile: bool = False  # torch.compile the model
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager compiles fast, for tests)
+    resume: str = "auto"  # auto (the run directory's last.pt if present) | never | a checkpoint path
+    save_every_steps: int = 0  # also write last.pt every N optimizer steps; 0 = once per epoch
+    preempt_signal: str = "SIGUSR2"  # preemption: save at a step boundary, mark PREEMPTED, exit 0
+    check_every: int = 10  # steps between the ranks' agreement on a pending signal (a CPU all-reduce)
+    progress: bool = True  # tqdm bar on rank 0 (never when stderr is not a terminal)
+    logger: str = "csv"  # csv (metrics.csv, always) | tensorboard (also <run>/tensorboard)
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "accumulate", "log_every"):
+        for key in ("epochs", "accumulate", "log_every", "check_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"trainer.{key}={getattr(self, key)} must be >= 1")
+        for key in ("warmup_steps", "patience", "save_every_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"trainer.{key}={getattr(self, key)} must be >= 0")
         if self.grad_clip < 0:
             raise ConfigError(f"trainer.grad_clip={self.grad_clip} must be >= 0 (0 = off)")
+        for key, valid in (("amp", AMP_MODES), ("lr_schedule", LR_SCHEDULES), ("logger", LOGGERS)):
+            if getattr(self, key) not in valid:
+                raise ConfigError(f"trainer.{key}={getattr(self, key)!r} is not one of {', '.join(valid)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"trainer.ema_decay={self.ema_decay} must be in [0, 1)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"trainer.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        import signal
+
+        if not hasattr(signal, self.preempt_signal) or not self.preempt_signal.startswith("SIG"):
+            raise ConfigError(f"trainer.preempt_signal={self.preempt_signal!r} is not a signal name like SIGUSR2")
+        if self.preempt_signal in ("SIGKILL", "SIGSTOP", "SIGTERM", "SIGINT"):
+            raise ConfigError(f"trainer.preempt_signal={self.preempt_signal} cannot be the preemption signal "
+                              "(SIGTERM and SIGINT mean stop without requeue); use SIGUSR2 or SIGUSR1")
 
 
 @dataclass

@@ -1,17 +1,20 @@
 """The training loop.
 
-Owns: DDP wrapping (only when world size > 1), the step loop with gradient accumulation (`no_sync`
-on the non-final micro-steps) and clipping, exact evaluation over ranks, the per-epoch metrics row
-and checkpoint, and the final weights digest each rank logs. It knows nothing of Hydra or of how the
-process was started: it gets built components, a batch plan, a device and a run directory.
+Owns: wrapping (SyncBN, channels_last, DDP only when world size > 1, torch.compile), the step loop
+(AMP, accumulation with `no_sync` on the non-final micro-steps, clipping, the lr schedule, EMA),
+exact evaluation over ranks, early stopping, the per-epoch metrics row, checkpoints (every epoch and
+every `save_every_steps`) and exact resume, and stopping at a step boundary on preemption. It knows
+nothing of Hydra or of how the process was started.
 
-No host-device sync in the step loop except at `trainer.log_every` steps: losses accumulate on the
-device and are read once per logging interval and once per epoch.
+No host-device sync in the step loop except at `trainer.log_every` steps (fp16's GradScaler is the
+documented exception): losses accumulate on the device. The signal check every `check_every` steps
+is a CPU all-reduce of a flag, not a device sync.
 """
 
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -25,22 +28,28 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from harness import checkpoint
+from harness import checkpoint, preempt
 from harness import dist as hdist
 from harness.batching import BatchPlan
-from harness.config import TrainerConfig
+from harness.config import ConfigError, TrainerConfig
 from harness.data.sampler import GlobalBatchSampler, ShardSampler
 from harness.logs import MetricsWriter, get_logger
+from harness.plots import plot_results
+from harness.schedule import build_scheduler
+from harness.utils.early_stopping import EarlyStopping
+from harness.utils.ema import ModelEMA
 
 Metric = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]]
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class FitResult:
-    epochs: int
-    steps: int
+    epochs: int = 0
+    steps: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     digest: str = ""
+    stopped: str = ""  # "" (finished), "early" (early stopping), "preempted", "terminated"
 
     @property
     def last(self) -> dict[str, float]:
@@ -65,107 +74,300 @@ def _sync_buffers(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, loss_fn: Callable, metric: Metric,
-             device: torch.device) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: DataLoader, loss_fn: Callable, metric: Metric, device: torch.device,
+             autocast: Callable[[], Any] = nullcontext, channels_last: bool = False) -> dict[str, float]:
     """Loss and metric over the whole validation set, each sample counted once across ranks."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, metric sum, samples
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = model(x)
+        x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
+        with autocast():
+            out = model(x)
+            loss = loss_fn(out, y)
         m_sum, m_count = metric(out, y)
-        sums[0] += loss_fn(out, y).double() * y.shape[0]
+        sums[0] += loss.double() * y.shape[0]
         sums[1] += torch.as_tensor(m_sum, dtype=torch.float64, device=device)
-        sums[2] += float(m_count) if not torch.is_tensor(m_count) else m_count.double()
+        sums[2] += m_count.double() if torch.is_tensor(m_count) else float(m_count)
     hdist.all_reduce_sum(sums)
     loss_sum, metric_sum, count = sums.tolist()
     return {"val_loss": loss_sum / max(count, 1), "val_metric": metric_sum / max(count, 1), "val_samples": count}
 
 
-def fit(
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    metric: Metric,
-    train_set: Dataset,
-    val_set: Dataset,
-    batch: BatchPlan,
-    trainer: TrainerConfig,
-    device: torch.device,
-    run_dir: Path | None = None,
-    seed: int = 0,
-    num_workers: int = 0,
-    config_yaml: str = "",
-) -> FitResult:
-    """Train for `trainer.epochs` epochs; rank 0 writes metrics.csv and checkpoints under `run_dir`."""
-    log = get_logger()
-    rank, world = hdist.rank(), hdist.world_size()
-    cuda = device.type == "cuda"
-    metric_name = getattr(metric, "name", "metric")
-    ddp: nn.Module = model
-    if world > 1:
-        ddp = DistributedDataParallel(model, device_ids=[device] if cuda else None)
+def _to(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
-    sampler = GlobalBatchSampler(len(train_set), batch.global_batch, rank=rank, world_size=world, seed=seed)
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=num_workers, pin_memory=cuda,
-                        persistent_workers=num_workers > 0)
-    val_loader = DataLoader(val_set, sampler=ShardSampler(len(val_set), rank=rank, world_size=world),
-                            batch_size=max(batch.per_rank, 1), num_workers=num_workers, pin_memory=cuda)
-    log.info(f"data: {len(train_set)} train / {len(val_set)} val samples; {batch.describe()}; "
-             f"{sampler.steps_per_epoch} steps per epoch")
 
-    metrics = MetricsWriter(run_dir / "metrics.csv") if run_dir is not None and rank == 0 else None
-    result = FitResult(epochs=0, steps=0)
-    best = float("-inf")
-    for epoch in range(trainer.epochs):
+def _tensorboard(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("trainer.logger=tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def check_trainer(trainer: TrainerConfig, device: torch.device) -> None:
+    """Options that need hardware this process does not have fail here, naming the key."""
+    if trainer.amp == "fp16" and device.type != "cuda":
+        raise ConfigError("trainer.amp=fp16 needs CUDA (its GradScaler); on the CPU use trainer.amp=bf16 or off")
+    if trainer.sync_bn and device.type != "cuda":
+        raise ConfigError("trainer.sync_bn=true needs CUDA (SyncBatchNorm has no CPU kernel); set it to false")
+
+
+class Loop:
+    """One fit: holds the wrapped model, optimizer, schedule, scaler, EMA, samplers and counters."""
+
+    def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, metric: Metric,
+                 train_set: Dataset, val_set: Dataset, batch: BatchPlan, trainer: TrainerConfig,
+                 device: torch.device, run_dir: Path | None, seed: int, num_workers: int, config_yaml: str) -> None:
+        check_trainer(trainer, device)
+        self.log = get_logger()
+        self.rank, self.world = hdist.rank(), hdist.world_size()
+        self.t, self.batch, self.device, self.run_dir, self.config_yaml = trainer, batch, device, run_dir, config_yaml
+        self.loss_fn, self.metric = loss_fn, metric
+        self.metric_name = getattr(metric, "name", "metric")
+        cuda = device.type == "cuda"
+        if trainer.sync_bn and self.world > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if trainer.channels_last:
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.model = model  # the bare module: what is evaluated, saved and digested
+        self.forward: nn.Module = DistributedDataParallel(model, device_ids=[device] if cuda else None) \
+            if self.world > 1 else model
+        self.ddp = self.forward if self.world > 1 else None
+        if trainer.compile:
+            self.forward = torch.compile(self.forward, backend=trainer.compile_backend)  # type: ignore[assignment]
+        self.optimizer = optimizer
+        self.ema = ModelEMA(model, decay=trainer.ema_decay, tau=trainer.ema_tau) if trainer.ema else None
+        self.stopper = EarlyStopping(patience=trainer.patience) if trainer.patience else None
+        amp = AMP_DTYPES.get(trainer.amp)
+        self.autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
+        self.scaler = torch.amp.GradScaler("cuda", enabled=trainer.amp == "fp16")
+
+        self.sampler = GlobalBatchSampler(len(train_set), batch.global_batch, rank=self.rank, world_size=self.world,
+                                          seed=seed)
+        self.loader = DataLoader(train_set, batch_sampler=self.sampler, num_workers=num_workers, pin_memory=cuda,
+                                 persistent_workers=num_workers > 0)
+        self.val_loader = DataLoader(val_set, sampler=ShardSampler(len(val_set), rank=self.rank, world_size=self.world),
+                                     batch_size=max(batch.per_rank, 1), num_workers=num_workers, pin_memory=cuda)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.scheduler = build_scheduler(optimizer, total=trainer.epochs * self.steps_per_epoch,
+                                         warmup=trainer.warmup_steps, kind=trainer.lr_schedule,
+                                         min_ratio=trainer.min_lr_ratio)
+        self.metrics = MetricsWriter(run_dir / "metrics.csv") if run_dir is not None and self.rank == 0 else None
+        self.board = _tensorboard(run_dir) if trainer.logger == "tensorboard" and self.metrics is not None else None
+        # progress: where training stands; all of it goes into checkpoints
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.epoch_loss = 0.0  # this epoch's summed loss over the steps already taken (all ranks)
+        self.best = float("-inf")
+        self.result = FitResult()
+        self.pending_rng: dict[str, Any] | None = None
+        self.log.info(f"data: {len(train_set)} train / {len(val_set)} val samples; {batch.describe()}; "
+                      f"{self.steps_per_epoch} steps per epoch")
+
+    # ---------------------------------------------------------------- checkpoints
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.global_step,
+            "epoch_loss": self.epoch_loss, "best": self.best, "world_size": self.world,
+            "early_stopping": {"best_fitness": self.stopper.best_fitness, "best_epoch": self.stopper.best_epoch}
+            if self.stopper else None,
+            "config": self.config_yaml, "metrics": self.result.last,
+        }
+
+    def save(self, *names: str) -> None:
+        """Every rank calls this (RNG states are gathered); rank 0 writes. Never inside a micro-step."""
+        rng = checkpoint.rng_state()
+        states = [rng] * self.world
+        if self.world > 1:
+            states = [None] * self.world  # type: ignore[list-item]
+            dist.all_gather_object(states, rng)
+        if self.rank == 0 and self.run_dir is not None:
+            state = {**self.state(), "rng": states}
+            for name in names or ("last.pt",):
+                checkpoint.save(state, self.run_dir / "checkpoints" / name)
+
+    def resume(self) -> None:
+        path = self._resume_path()
+        if path is None:
+            return
+        s = checkpoint.load(path, map_location=self.device)
+        self.model.load_state_dict(s["model"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scheduler.load_state_dict(s["scheduler"])
+        self.scaler.load_state_dict(s["scaler"])
+        if self.ema and s["ema"]:
+            self.ema.load_state_dict(s["ema"])
+        if self.stopper and s["early_stopping"]:
+            self.stopper.best_fitness = s["early_stopping"]["best_fitness"]
+            self.stopper.best_epoch = s["early_stopping"]["best_epoch"]
+        self.epoch, self.step_in_epoch, self.global_step = s["epoch"], s["step_in_epoch"], s["step"]
+        self.epoch_loss, self.best = s["epoch_loss"], s["best"]
+        self.result.steps = self.global_step
+        if s["world_size"] == self.world:
+            self.pending_rng = s["rng"][self.rank]  # restored once the epoch's iterator exists
+        else:
+            self.log.warning(f"resuming on {self.world} ranks from a checkpoint of {s['world_size']}: "
+                             "random streams restart from the seed, so the run is not bit-exact")
+        if self.rank == 0 and self.run_dir is not None:
+            preempt.clear_marker(self.run_dir)
+            if self.metrics is not None:
+                self.metrics.truncate(after_epoch=self.epoch)
+        self.log.info(f"resumed from {path} at epoch {self.epoch + 1} step {self.global_step} "
+                      f"({self.step_in_epoch}/{self.steps_per_epoch} of the epoch done)")
+
+    def _resume_path(self) -> Path | None:
+        mode = self.t.resume
+        if mode == "never":
+            return None
+        if mode == "auto":
+            last = self.run_dir / "checkpoints" / "last.pt" if self.run_dir is not None else None
+            return last if last is not None and last.is_file() else None
+        path = Path(mode).expanduser()
+        if not path.is_file():
+            raise checkpoint.CheckpointError(f"trainer.resume={mode!r}: no such checkpoint file")
+        return path
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> FitResult:
+        self.resume()
+        with preempt.SignalWatch(self.t.preempt_signal, self.t.check_every) as signals:
+            while self.epoch < self.t.epochs:
+                code = self.train_epoch(signals)
+                if code:
+                    return self._stop(code, signals)
+                if self.end_epoch():
+                    self.result.stopped = "early"
+                    break
+        self.result.epochs = self.epoch
+        if self.metrics is not None and self.run_dir is not None and self.result.history:
+            plot_results(self.metrics.path, self.run_dir / "results.png")
+        if self.board is not None:
+            self.board.close()
+        self.result.digest = weights_digest(self.model)
+        self.log.info(f"final weights digest {self.result.digest} (rank {self.rank})")
+        return self.result
+
+    def _stop(self, code: int, signals: preempt.SignalWatch) -> FitResult:
+        what = "preempted" if code == preempt.PREEMPT else "terminated"
+        self.save()
+        if self.rank == 0 and self.run_dir is not None and code == preempt.PREEMPT:
+            preempt.write_marker(self.run_dir, f"epoch {self.epoch + 1} step {self.global_step}\n")
+        signals.barrier()  # nobody exits before rank 0 has written
+        self.log.warning(f"{what}: saved at epoch {self.epoch + 1} step {self.global_step}; "
+                         f"{'requeue to resume' if code == preempt.PREEMPT else 'not requeued'}")
+        self.result.epochs, self.result.stopped = self.epoch, what
+        return self.result
+
+    def train_epoch(self, signals: preempt.SignalWatch) -> int:
+        """Steps to the end of the epoch; returns a signal code if the ranks agreed to stop early."""
+        t, acc = self.t, self.batch.accumulate
+        self.sampler.set_epoch(self.epoch, start_step=self.step_in_epoch)
+        self.forward.train()
+        batches = iter(self.loader)
+        if self.pending_rng is not None:  # after the iterator drew its seed, as the uninterrupted run did
+            checkpoint.set_rng_state(self.pending_rng)
+            self.pending_rng = None
+        bar = self._progress()
+        window = torch.zeros((), device=self.device)
+        epoch_sum = torch.zeros((), device=self.device)
         t0 = time.perf_counter()
-        sampler.set_epoch(epoch)
-        ddp.train()
-        epoch_loss = torch.zeros((), device=device)
-        window_loss = torch.zeros((), device=device)
-        steps = 0
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            for i, (xm, ym) in enumerate(zip(x.chunk(batch.accumulate), y.chunk(batch.accumulate), strict=True)):
-                last = i == batch.accumulate - 1
-                sync = nullcontext() if last or world == 1 else ddp.no_sync()  # type: ignore[operator]
+        code = preempt.NONE
+        for x, y in batches:
+            x, y = _to(x, self.device, t.channels_last), y.to(self.device, non_blocking=True)
+            for i, (xm, ym) in enumerate(zip(x.chunk(acc), y.chunk(acc), strict=True)):
+                sync = nullcontext() if i == acc - 1 or self.ddp is None else self.ddp.no_sync()
                 with sync:
-                    loss = loss_fn(ddp(xm), ym) / batch.accumulate
-                    loss.backward()
-                window_loss += loss.detach()
-            if trainer.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            steps += 1
-            result.steps += 1
-            if result.steps % trainer.log_every == 0:
-                epoch_loss += window_loss
-                log.info(f"epoch {epoch + 1}/{trainer.epochs} step {result.steps} "
-                         f"loss {window_loss.item() / trainer.log_every:.4f}")  # the logging sync
-                window_loss.zero_()
-        epoch_loss += window_loss
-        _sync_buffers(model)
-        val = evaluate(model, val_loader, loss_fn, metric, device)
-        train_loss = hdist.all_reduce_sum(epoch_loss.detach().clone()).item() / max(steps * world, 1)
-        seconds = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "step": result.steps, "train_loss": train_loss, "val_loss": val["val_loss"],
-               f"val_{metric_name}": val["val_metric"], "val_samples": int(val["val_samples"]),
-               "lr": optimizer.param_groups[0]["lr"], "epoch_time": seconds,
-               "samples_per_s": steps * batch.global_batch / max(seconds, 1e-9)}
-        result.history.append(row)
-        result.epochs = epoch + 1
-        log.info(f"epoch {epoch + 1}/{trainer.epochs}: train_loss {train_loss:.4f} val_loss {val['val_loss']:.4f} "
-                 f"val_{metric_name} {val['val_metric']:.4f} ({int(val['val_samples'])} samples) {seconds:.2f}s")
-        if metrics is not None and run_dir is not None:
-            metrics.write(row)
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                     "step": result.steps, "config": config_yaml, "metrics": row}
-            checkpoint.save(state, run_dir / "checkpoints" / "last.pt")
-            if val["val_metric"] > best:
-                best = val["val_metric"]
-                checkpoint.save(state, run_dir / "checkpoints" / "best.pt")
-    result.digest = weights_digest(model)
-    log.info(f"final weights digest {result.digest} (rank {rank})")
-    return result
+                    with self.autocast():
+                        loss = self.loss_fn(self.forward(xm), ym) / acc
+                    self.scaler.scale(loss).backward()
+                window += loss.detach()
+            if t.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            if self.ema:
+                self.ema.update(self.model)
+            self.step_in_epoch += 1
+            self.global_step += 1
+            self.result.steps = self.global_step
+            if bar is not None:
+                bar.update(1)
+            if self.global_step % t.log_every == 0:
+                epoch_sum += window
+                self.log.info(f"epoch {self.epoch + 1}/{t.epochs} step {self.global_step} "
+                              f"loss {window.item() / t.log_every:.4f}")  # the logging sync
+                window.zero_()
+            if t.save_every_steps and self.global_step % t.save_every_steps == 0:
+                self._fold_loss(epoch_sum + window)
+                epoch_sum.zero_()
+                window.zero_()
+                self.save()
+            code = signals.agreed(self.global_step)
+            if code:
+                break
+        if bar is not None:
+            bar.close()
+        self._fold_loss(epoch_sum + window)
+        if code:
+            return code
+        self.epoch_seconds = time.perf_counter() - t0
+        return preempt.NONE
+
+    def _fold_loss(self, local: torch.Tensor) -> None:
+        """Add this stretch's loss, summed over ranks, to the epoch's running total (a sync: rare)."""
+        self.epoch_loss += hdist.all_reduce_sum(local.detach().double().clone()).item()
+
+    def _progress(self) -> Any:
+        if not (self.t.progress and self.rank == 0 and sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}",
+                    leave=False, file=sys.stderr)
+
+    def end_epoch(self) -> bool:
+        """Evaluate, record, save; True when early stopping says stop (the same on every rank)."""
+        _sync_buffers(self.model)
+        evaluated = self.ema.ema if self.ema else self.model
+        val = evaluate(evaluated, self.val_loader, self.loss_fn, self.metric, self.device, self.autocast,
+                       self.t.channels_last)
+        steps = self.steps_per_epoch
+        seconds = getattr(self, "epoch_seconds", 0.0)
+        row = {"epoch": self.epoch + 1, "step": self.global_step, "train_loss": self.epoch_loss / (steps * self.world),
+               "val_loss": val["val_loss"], f"val_{self.metric_name}": val["val_metric"],
+               "val_samples": int(val["val_samples"]), "lr": self.optimizer.param_groups[0]["lr"],
+               "epoch_time": seconds, "samples_per_s": steps * self.batch.global_batch / max(seconds, 1e-9)}
+        self.result.history.append(row)
+        self.log.info(f"epoch {self.epoch + 1}/{self.t.epochs}: train_loss {row['train_loss']:.4f} "
+                      f"val_loss {val['val_loss']:.4f} val_{self.metric_name} {val['val_metric']:.4f} "
+                      f"({int(val['val_samples'])} samples) {seconds:.2f}s")
+        improved = val["val_metric"] > self.best
+        self.best = max(self.best, val["val_metric"])
+        stop = self.stopper(self.epoch + 1, val["val_metric"]) if self.stopper else False
+        self.epoch, self.step_in_epoch, self.epoch_loss = self.epoch + 1, 0, 0.0
+        if self.metrics is not None:
+            self.metrics.write(row)
+        if self.board is not None:
+            for key, value in row.items():
+                if key not in ("epoch", "step"):
+                    self.board.add_scalar(key, value, global_step=row["epoch"])
+            self.board.flush()
+        self.save(*(("last.pt", "best.pt") if improved else ("last.pt",)))
+        return stop
+
+
+def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, metric: Metric,
+        train_set: Dataset, val_set: Dataset, batch: BatchPlan, trainer: TrainerConfig, device: torch.device,
+        run_dir: Path | None = None, seed: int = 0, num_workers: int = 0, config_yaml: str = "") -> FitResult:
+    """Train for `trainer.epochs` epochs (resuming per `trainer.resume`); rank 0 writes under `run_dir`."""
+    loop = Loop(model=model, optimizer=optimizer, loss_fn=loss_fn, metric=metric, train_set=train_set,
+                val_set=val_set, batch=batch, trainer=trainer, device=device, run_dir=run_dir, seed=seed,
+                num_workers=num_workers, config_yaml=config_yaml)
+    return loop.run()

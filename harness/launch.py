@@ -10,10 +10,13 @@ would run, so launcher mode and torchrun mode share one worker path.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
+import psutil
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -47,8 +50,30 @@ def patched_environ(changes: Mapping[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+@contextmanager
+def forwarding(signal_name: str) -> Iterator[None]:
+    """Pass the preemption signal on to every descendant (the workers) instead of dying of it.
+
+    Its default action would kill the launcher and orphan the workers; Slurm may signal only the
+    launcher, or every process of the step (then the workers see it twice: it only sets a flag)."""
+    signum = getattr(signal, signal_name)
+
+    def forward(sig: int, frame: object) -> None:
+        for child in psutil.Process().children(recursive=True):
+            try:
+                child.send_signal(sig)
+            except psutil.Error:
+                pass
+
+    previous = signal.signal(signum, forward)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
+
+
 def launch_workers(plan: DevicePlan, *, run_id: str, overrides: list[str], max_restarts: int,
-                   omp_threads: int) -> int:
+                   omp_threads: int, forward: str = "SIGUSR2") -> int:
     """Run `plan.nproc` workers to completion; return the exit code for the launcher."""
     config = LaunchConfig(
         min_nodes=1,
@@ -61,11 +86,14 @@ def launch_workers(plan: DevicePlan, *, run_id: str, overrides: list[str], max_r
         monitor_interval=0.1,
         local_addr="127.0.0.1",
     )
-    with patched_environ(worker_environment(plan, run_id, omp_threads, os.environ)):
+    with patched_environ(worker_environment(plan, run_id, omp_threads, os.environ)), forwarding(forward):
         try:
             elastic_launch(config, sys.executable)("-u", "-m", "harness.train", *overrides)
         except ChildFailedError as exc:
             # the failing rank's traceback was printed by the worker (@record); this names the rank
             print(f"error: worker(s) failed:\n{exc.format_msg()}", file=sys.stderr)
             return 1
+        except SignalException as exc:  # SIGTERM/SIGINT/SIGHUP reached the agent: workers were stopped
+            print(f"error: launcher stopped by {exc.sigval.name}; workers were told to stop", file=sys.stderr)
+            return 128 + int(exc.sigval)
     return 0

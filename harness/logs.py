@@ -71,6 +71,19 @@ class MetricsWriter:
             with open(path, newline="") as f:
                 self.fields = next(csv.reader(f), None)
 
+    def truncate(self, after_epoch: int) -> None:
+        """Drop rows of epochs after `after_epoch` (a resumed run redoes them)."""
+        if self.fields is None:
+            return
+        with open(self.path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= after_epoch]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(self.path)
+
     def write(self, row: dict[str, float | int | str]) -> None:
         new = self.fields is None
         if self.fields is None:

@@ -20,15 +20,16 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from harness import rundir
+from harness import preempt, rundir
 from harness.batching import BatchSizeError, plan_batch
+from harness.checkpoint import CheckpointError
 from harness.config import ConfigError, conf_dir, quote_device_override, register_configs, to_config
 from harness.devices import DeviceError, check_mask_change, count_visible_gpus, parse_device, plan_devices
 from harness.env import detect, run_id
 from harness.job import run_job
 from harness.launch import launch_workers, patched_environ
 
-USER_ERRORS = (DeviceError, BatchSizeError, ConfigError)
+USER_ERRORS = (DeviceError, BatchSizeError, ConfigError, CheckpointError)
 EXIT_USER_ERROR = 2
 
 
@@ -53,10 +54,23 @@ def launch(cfg: DictConfig) -> int:
     if plan.nproc == 1:
         env = {"CUDA_VISIBLE_DEVICES": plan.cuda_visible_devices} if plan.cuda_visible_devices else {}
         with patched_environ({**env, "HARNESS_LAUNCHED": "1"}):
-            run_job(cfg, run_id=rid)
-        return 0
-    return launch_workers(plan, run_id=rid, overrides=[*list(hc.overrides.task), *_search_path_override(hc)],
-                          max_restarts=c.dist.max_restarts, omp_threads=c.dist.omp_threads)
+            try:
+                result = run_job(cfg, run_id=rid)
+            except USER_ERRORS as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return EXIT_USER_ERROR
+        return exit_code(result.stopped)
+    code = launch_workers(plan, run_id=rid, overrides=[*list(hc.overrides.task), *_search_path_override(hc)],
+                          max_restarts=c.dist.max_restarts, omp_threads=c.dist.omp_threads,
+                          forward=c.trainer.preempt_signal)
+    if code == 0 and preempt.was_preempted(Path(c.run_root) / rid):
+        return preempt.EXIT_PREEMPTED
+    return code
+
+
+def exit_code(stopped: str) -> int:
+    """Preempted: 3, so a script requeues; terminated (SIGTERM): 143, never requeued; else 0."""
+    return {"preempted": preempt.EXIT_PREEMPTED, "terminated": preempt.EXIT_TERMINATED}.get(stopped, 0)
 
 
 _SWEEP_STAMP: list[str] = []
@@ -105,10 +119,12 @@ def worker(argv: list[str]) -> None:
         print(f"error: {exc}{cause}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
     try:
-        run_job(cfg, run_id=run_id(os.environ))
+        result = run_job(cfg, run_id=run_id(os.environ))
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
+    if result.stopped == "terminated":  # preempted workers exit 0: the agent must not restart them
+        raise SystemExit(preempt.EXIT_TERMINATED)
 
 
 def main() -> None:

@@ -1,0 +1,83 @@
+"""Signals -> a flag -> the same stopping step on every rank.
+
+Owns: the handlers (the preemption signal, SIGUSR2 by default, and SIGTERM), the agreement (every
+`check_every` steps the ranks all-reduce their flags over a CPU group, so all stop at the SAME step
+and an NCCL job makes no device sync for it), the PREEMPTED marker, and the exit codes.
+
+Preemption (e.g. Slurm's `--signal=USR2@90`): save at the step boundary, write PREEMPTED in the run
+directory, exit 0 so the elastic agent does not restart the workers; the launcher turns the marker
+into exit code 3 and a batch script into `scontrol requeue`. SIGTERM (scancel, a requeue by the
+admin, the elastic agent shutting down): save, exit 143, never requeue. If any rank saw SIGTERM,
+every rank terminates.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+NONE, PREEMPT, TERMINATE = 0, 1, 2  # the all-reduce takes the max: terminate wins
+MARKER = "PREEMPTED"
+EXIT_PREEMPTED = 3  # `python -m harness.train` exits with this when the run was preempted (requeue it)
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
+
+
+class SignalWatch:
+    """Installs the handlers for the duration of training; `agreed(step)` is the rank-wide decision."""
+
+    def __init__(self, preempt_signal: str = "SIGUSR2", check_every: int = 10) -> None:
+        self.flag = NONE
+        self.check_every = check_every
+        self._signals = {getattr(signal, preempt_signal): PREEMPT, signal.SIGTERM: TERMINATE}
+        self._previous: dict[int, Any] = {}
+        self._group = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # NCCL would need a CUDA tensor (and a device sync); a gloo group agrees on the CPU
+            gloo = "gloo" in str(dist.get_backend())
+            self._group = None if gloo else dist.new_group(backend="gloo")
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.flag = max(self.flag, self._signals[signum])  # only a flag: the loop acts at a step boundary
+
+    def __enter__(self) -> SignalWatch:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self._signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def agreed(self, step: int | None = None) -> int:
+        """The highest flag over all ranks; a collective every `check_every` steps (or when step is None)."""
+        if step is not None and step % self.check_every:
+            return NONE
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return self.flag
+        t = torch.tensor([self.flag], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
+        return int(t.item())
+
+    def barrier(self) -> None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier(group=self._group)
+
+
+def write_marker(run_dir: Path, text: str) -> None:
+    (run_dir / MARKER).write_text(text)
+
+
+def clear_marker(run_dir: Path) -> None:
+    (run_dir / MARKER).unlink(missing_ok=True)
+
+
+def was_preempted(run_dir: Path) -> bool:
+    return (run_dir / MARKER).is_file()
