@@ -24,7 +24,14 @@ import torch
 
 from harness import dist as hdist
 from harness import logs, rundir
-from harness.devices import DeviceError, banner, count_visible_gpus, parse_device, plan_devices
+from harness.devices import (
+    DeviceError,
+    banner,
+    check_mask_change,
+    count_visible_gpus,
+    parse_device,
+    plan_devices,
+)
 from harness.env import DistEnv, detect, run_id
 from harness.utils.meta import describe_version
 
@@ -64,8 +71,9 @@ def _worker_uses_cuda(device: object, env: DistEnv, environ: Mapping[str, str]) 
         return visible > 0
     plan = plan_devices(request, visible_gpus=visible, nproc=env.local_world_size,
                         current_mask=environ.get("CUDA_VISIBLE_DEVICES"), raw=device)
-    if not torch.cuda.is_initialized():
-        os.environ["CUDA_VISIBLE_DEVICES"] = plan.cuda_visible_devices or ""
+    # CUDA reads the mask once, when it starts: refuse to change it after that, rather than be ignored
+    check_mask_change(plan.cuda_visible_devices, environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.is_initialized())
+    os.environ["CUDA_VISIBLE_DEVICES"] = plan.cuda_visible_devices or ""
     return True
 
 

@@ -39,9 +39,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     cuda = _cuda_available()
     slurm = None
     for item in items:
-        if "gpu" in item.keywords and not cuda:
+        # markers, not keywords: a parametrize id like test_x[gpu] must not count as the marker
+        if item.get_closest_marker("gpu") is not None and not cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device (none visible)"))
-        if "slurm" in item.keywords:
+        if item.get_closest_marker("slurm") is not None:
             if slurm is None:
                 slurm = _slurm_answers()
             if not slurm and os.environ.get("CI") != "true":
