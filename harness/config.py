@@ -30,6 +30,12 @@ class DataConfig:
     url: str = ""  # the dataset file: file://, http:// or https://; "" = the dataset needs no file
     sha256: str = ""  # expected digest of that file; a file:// source without one is hashed and logged
     root: str = "${oc.env:HARNESS_CACHE,'~/.cache/harness'}"  # cache directory (one per node)
+    # several files under the base URL `url`: file name -> sha256; the dataset then gets their directory
+    files: dict[str, str] = field(default_factory=dict)
+    extract: bool = False  # unpack an archive (.tar, .tar.gz, .tgz, .zip) safely; the dataset gets the directory
+    verify: str = "fast"  # fast: a cache hit reads and hashes nothing; full: re-hash cached files on every run
+    allow_unverified: bool = False  # accept a remote url without sha256 (nothing is checked; not recommended)
+    offline: bool = "${oc.env:HARNESS_OFFLINE,false}"  # type: ignore[assignment]  # cache only, no network
     batch_size: int = 64  # the GLOBAL batch: split over ranks and accumulation micro-steps
     num_workers: int = 0  # DataLoader worker processes per rank
     # called as dataset(path=<verified cached file, or None without url>, split="train" | "val")
@@ -38,6 +44,14 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+        if self.verify not in ("fast", "full"):
+            raise ConfigError(f"data.verify={self.verify!r} is not one of fast, full")
+        remote = self.url.startswith(("http://", "https://"))
+        unpinned = [name for name, digest in self.files.items() if not digest]
+        if remote and not self.allow_unverified and (unpinned or not self.files and not self.sha256):
+            what = f"data.files[{unpinned[0]!r}]" if unpinned else "data.sha256"
+            raise ConfigError(f"data.url={self.url!r}: {what} is empty; a download must be verified: give the "
+                              f"published sha256, or set data.allow_unverified=true")
 
 
 AMP_MODES = ("off", "bf16", "fp16")

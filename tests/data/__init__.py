@@ -1,0 +1,1 @@
+"""Tests of harness/data: sources, cache, archives, datasets."""
