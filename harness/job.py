@@ -33,7 +33,9 @@ def run_job(cfg: DictConfig, *, run_id: str | None = None) -> engine.FitResult:
         path = None
         if c.data.url:
             with zero_first("data"):
-                path = str(fetch(c.data.url, c.data.sha256, c.data.root))
+                path = str(fetch(c.data.url, c.data.sha256, c.data.root, files=c.data.files,
+                                 extract=c.data.extract, verify=c.data.verify, offline=c.data.offline,
+                                 allow_unverified=c.data.allow_unverified, progress=s.env.local_rank == 0))
             log.info(f"dataset {c.data.url} -> {path}")
         with zero_first("dataset"):  # a dataset may cache derived files of its own on first use
             train_set = instantiate(cfg.data.dataset, path=path, split="train")
