@@ -1,0 +1,90 @@
+"""Preemption on a real Slurm controller: USR2 mid-training -> the workers save at a step boundary
+and write PREEMPTED -> the batch script requeues the job -> the requeued job resumes from last.pt and
+ends with the same weights as a run that was never interrupted. SIGTERM never requeues."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import checkpoint
+from tests.conftest import clean_env, harness_cmd
+from tests.slurm.conftest import assert_not_requeued, job_env, submit, wait_for
+from tests.slurm.test_jobs import digests, epochs
+
+pytestmark = pytest.mark.slurm
+EPOCHS = 10
+# small batches: 89 steps per epoch, so the signal lands inside an epoch, well before the end
+JOB = ("model=mlp", f"trainer.epochs={EPOCHS}", "data.batch_size=16", "trainer.amp=off", "dist.backend=gloo")
+TIMEOUT = 240  # a requeue waits cred_expire (10 s) + 1 s before the job starts again
+
+
+def signal_when_training(jobs: dict[str, Path], signal: str, timeout: float = TIMEOUT) -> None:
+    """Signal each job's steps (scancel --signal) once its run's log shows epoch 1 under way."""
+    pending, deadline = dict(jobs), time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for name, cwd in list(pending.items()):
+            logs = list((cwd / "runs").glob("slurm-*/train.log"))
+            text = logs[0].read_text() if logs else ""
+            if "epoch 1/" in text:
+                assert f"epoch {EPOCHS}/" not in text, f"{name} got too far before the signal:\n{text}"
+                subprocess.run(["scancel", f"--signal={signal}", f"--name={name}"], env=job_env(), check=True,
+                               timeout=30)
+                del pending[name]
+        time.sleep(0.1)
+    if pending:
+        pytest.fail(f"jobs {sorted(pending)} logged no training within {timeout} s")
+
+
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_usr2_requeues_and_resumes_to_the_same_weights(tmp_path: Path, cache_dir: Path) -> None:
+    """Both shapes side by side; the uninterrupted reference runs outside Slurm, through the launcher
+    with the same world size (2) and threads per rank (1): the same run, as tests/test_train.py shows."""
+    shapes = {"srun": "cpu-srun.sbatch", "torchrun": "cpu-torchrun.sbatch"}
+    for shape in [*shapes, "whole"]:
+        (tmp_path / shape).mkdir()
+    jobs = {shape: submit(script, *JOB, cwd=tmp_path / shape, tag=f"preempt-{shape}")
+            for shape, script in shapes.items()}
+    reference = subprocess.Popen(harness_cmd(*JOB, "device=cpu", "dist.nproc=2"), cwd=tmp_path / "whole",
+                                 env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        signal_when_training({name: tmp_path / shape for shape, (_, name, _) in jobs.items()}, "USR2")
+        done = {shape: wait_for(*job, TIMEOUT) for shape, job in jobs.items()}
+        _, err = reference.communicate(timeout=TIMEOUT)
+    finally:
+        reference.kill()
+    assert reference.returncode == 0, err
+    expected = digests(next((tmp_path / "whole" / "runs").iterdir()))
+    assert set(expected) == {0, 1}
+
+    for shape, job in done.items():
+        log = job.log
+        assert job.returncode == 0, log
+        assert "harness: preempted; requeueing job" in log, log
+        assert f"harness: job {job.id} attempt 1" in log and f"harness: job {job.id} attempt 2" in log, log
+        assert "attempt 3" not in log, log
+        runs = tmp_path / shape / "runs"
+        assert [p.name for p in runs.iterdir()] == [f"slurm-{job.id}"]  # the requeued job found its own run
+        run_dir = runs / f"slurm-{job.id}"
+        assert "resumed from" in (run_dir / "train.log").read_text()
+        assert not (run_dir / "PREEMPTED").exists()
+        assert epochs(run_dir) == list(range(1, EPOCHS + 1)), shape  # every epoch exactly once
+        assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["epoch"] == EPOCHS
+        assert digests(run_dir) == expected, shape
+
+
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_sigterm_stops_the_job_without_requeue(tmp_path: Path, cache_dir: Path) -> None:
+    proc, name, output = submit("cpu-srun.sbatch", *JOB, cwd=tmp_path, tag="term")
+    signal_when_training({name: tmp_path}, "TERM")
+    job = wait_for(proc, name, output, TIMEOUT)
+    assert job.returncode == 143, job.log  # the workers saved and exited 128 + SIGTERM
+    assert "harness: preempted" not in job.log and "attempt 2" not in job.log, job.log
+    run_dir = tmp_path / "runs" / f"slurm-{job.id}"
+    assert not (run_dir / "PREEMPTED").exists()
+    assert (run_dir / "checkpoints" / "last.pt").is_file()  # saved on the way out
+    assert not (run_dir / "metrics.csv").exists() or len(epochs(run_dir)) < EPOCHS  # and stopped early
+    assert_not_requeued(job)
