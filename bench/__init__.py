@@ -1,0 +1,9 @@
+"""`make bench`: the harness against a hand-written PyTorch loop, side by side, with ratios.
+
+data.py       the synthetic dataset both loops read; it also times their steps from inside
+reference.py  the hand-written loop (torchrun-style environment, DDP only when world size > 1)
+zero_first.py zero_first release latency, under torchrun
+runs.py       the commands for each side, running one and reading what its ranks recorded
+report.py     statistics, machine description, the table
+run.py        the driver: `python -m bench.run` (alternating pairs, launcher, zero_first, JSON)
+"""
