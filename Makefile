@@ -53,3 +53,7 @@ slurm-down: ## cancel the cluster's jobs and stop its daemons
 
 test-slurm: venv ## only the Slurm tests (real jobs; needs slurm-up or SLURM_CONF of a cluster)
 	SLURM_CONF=$(SLURM_CONF) $(BIN)/python -m pytest tests/slurm $(PYTEST_ARGS)
+
+.PHONY: bench
+bench: venv ## harness vs a hand-written loop, side by side, with ratios (~9 min on 2 cores); options: ARGS='--help'
+	$(BIN)/python -m bench.run $(ARGS)
