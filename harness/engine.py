@@ -154,6 +154,8 @@ class Loop:
         self.scheduler = build_scheduler(optimizer, total=trainer.epochs * self.steps_per_epoch,
                                          warmup=trainer.warmup_steps, kind=trainer.lr_schedule,
                                          min_ratio=trainer.min_lr_ratio)
+        if run_dir is not None and self.rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsWriter(run_dir / "metrics.csv") if run_dir is not None and self.rank == 0 else None
         self.board = _tensorboard(run_dir) if trainer.logger == "tensorboard" and self.metrics is not None else None
         # progress: where training stands; all of it goes into checkpoints

@@ -23,10 +23,15 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from harness.devices import DevicePlan
 
 
-def worker_environment(plan: DevicePlan, run_id: str, omp_threads: int, environ: Mapping[str, str]) -> dict[str, str]:
+def worker_environment(plan: DevicePlan, run_id: str, omp_threads: int, environ: Mapping[str, str],
+                       max_restarts: int = 0) -> dict[str, str]:
     """Variables to set for the workers (pure). OMP_NUM_THREADS: the user's value wins; else
     `dist.omp_threads`; else torchrun's rule (1 when several processes share the node)."""
     env = {"HARNESS_RUN_ID": run_id, "HARNESS_LAUNCHED": "1"}
+    if max_restarts > 0:
+        # The agent's shared TCPStore keeps the last attempt's keys, and restarted gloo/NCCL groups
+        # may read the dead workers' addresses (pytorch/pytorch#135712): give each attempt its own.
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     if plan.cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = plan.cuda_visible_devices
     if "OMP_NUM_THREADS" not in environ:
@@ -86,7 +91,8 @@ def launch_workers(plan: DevicePlan, *, run_id: str, overrides: list[str], max_r
         monitor_interval=0.1,
         local_addr="127.0.0.1",
     )
-    with patched_environ(worker_environment(plan, run_id, omp_threads, os.environ)), forwarding(forward):
+    with patched_environ(worker_environment(plan, run_id, omp_threads, os.environ, max_restarts)), \
+            forwarding(forward):
         try:
             elastic_launch(config, sys.executable)("-u", "-m", "harness.train", *overrides)
         except ChildFailedError as exc:

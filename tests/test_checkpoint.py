@@ -48,3 +48,43 @@ def test_corrupt_and_foreign_files_name_the_file(tmp_path: Path) -> None:
         checkpoint.load(foreign)
     with pytest.raises(checkpoint.CheckpointError, match="missing.pt does not exist"):
         checkpoint.load(tmp_path / "missing.pt")
+
+
+WRITER = """
+import sys, torch
+from pathlib import Path
+from harness import checkpoint
+path = Path(sys.argv[1])
+i = int(sys.argv[2])
+while True:
+    i += 1
+    checkpoint.save({"epoch": i, "blob": torch.full((4_000_000,), float(i))}, path)
+    print(i, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "last.pt"
+    checkpoint.save({"epoch": 0, "blob": torch.zeros(4_000_000)}, path)
+    rng = random.Random(0)
+    for attempt in range(6):
+        before = checkpoint.load(path)["epoch"]
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(before)], stdout=subprocess.PIPE,
+                                text=True)
+        assert proc.stdout is not None
+        proc.stdout.readline()  # at least one save went through; the next one is under way
+        time.sleep(rng.uniform(0.0, 0.15))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        state = checkpoint.load(path)  # never a half-written file
+        assert state["epoch"] > before
+        assert torch.all(state["blob"] == float(state["epoch"])), attempt
+    checkpoint.save({"epoch": -1}, path)  # the next save sweeps the killed saves' temporaries away
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

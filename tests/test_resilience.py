@@ -1,0 +1,110 @@
+"""Faults with real processes: preemption and requeue, a SIGKILLed worker under elastic restarts,
+SIGTERM. Each interrupted run must end with the weights of the run that never stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import checkpoint
+from tests.conftest import clean_env, harness_cmd
+from tests.test_train import assert_no_process_left, digests, metrics
+
+pytestmark = pytest.mark.slow
+JOB = ["device=cpu", "dist.nproc=2", "trainer.epochs=3", "trainer.log_every=1", "trainer.check_every=2"]
+TIMEOUT = 240
+
+
+def start(tmp: Path, run_id: str, *extra: str) -> subprocess.Popen[str]:
+    env = clean_env(HARNESS_RUN_ID=run_id, HARNESS_CACHE=str(tmp / "cache"))
+    return subprocess.Popen(harness_cmd(*JOB, f"run_root={tmp}/runs", *extra), cwd=tmp, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_for_step(log: Path, step: int, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        if log.is_file() and f" step {step} " in log.read_text():
+            return
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before step {step}"
+        time.sleep(0.02)
+    raise AssertionError(f"no step {step} in {log}")
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=TIMEOUT)
+    return proc.returncode, out
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    rc, out = finish(start(tmp, "ref"))
+    assert rc == 0, out
+    return tmp / "runs" / "ref"
+
+
+def test_preempted_run_requeues_and_ends_with_the_same_weights(tmp_path: Path, uninterrupted: Path) -> None:
+    run_dir = tmp_path / "runs" / "job"
+    proc = start(tmp_path, "job")
+    wait_for_step(run_dir / "train.log", 5, proc)
+    proc.send_signal(signal.SIGUSR2)  # to the launcher only: it forwards to its workers
+    rc, out = finish(proc)
+    assert rc == 3, out  # preempted: the documented exit code that asks for a requeue
+    assert (run_dir / "PREEMPTED").is_file()
+    saved = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    assert 0 < saved["step"] < 66 and saved["step"] % 2 == 0  # at an agreed step boundary
+    assert_no_process_left(str(tmp_path))
+
+    rc, out = finish(start(tmp_path, "job"))  # the requeued job: same run id, resume=auto
+    assert rc == 0, out
+    assert f"resumed from {run_dir}/checkpoints/last.pt" in (run_dir / "train.log").read_text()
+    assert not (run_dir / "PREEMPTED").exists()
+    assert [int(r["epoch"]) for r in metrics(run_dir)] == [1, 2, 3]
+    assert max_abs_diff(weights(run_dir), weights(uninterrupted)) <= 1e-6
+    assert digests(run_dir) == digests(uninterrupted)
+
+
+def test_killed_worker_is_restarted_and_resumes(tmp_path: Path, uninterrupted: Path) -> None:
+    run_dir = tmp_path / "runs" / "job"
+    proc = start(tmp_path, "job", "dist.max_restarts=1", "trainer.save_every_steps=5")
+    wait_for_step(run_dir / "train.log", 12, proc)
+    rank1 = (run_dir / "logs" / "rank1.log").read_text()
+    pid = int(rank1.split(" pid ")[1].split(")")[0])
+    os.kill(pid, signal.SIGKILL)
+    rc, out = finish(proc)
+    assert rc == 0, out
+    logs = (run_dir / "logs" / "rank1.log").read_text()
+    assert "resumed from" in logs and " step 10 " in logs.split("resumed from")[1].splitlines()[0]
+    assert [int(r["epoch"]) for r in metrics(run_dir)] == [1, 2, 3]
+    assert max_abs_diff(weights(run_dir), weights(uninterrupted)) <= 1e-6
+    assert_no_process_left(str(tmp_path))
+
+
+def test_sigterm_saves_and_does_not_ask_for_requeue(tmp_path: Path) -> None:
+    env = clean_env(HARNESS_RUN_ID="job", HARNESS_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.Popen(harness_cmd("trainer.epochs=3", "trainer.log_every=1", "trainer.check_every=2",
+                                        f"run_root={tmp_path}/runs"), cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run_dir = tmp_path / "runs" / "job"
+    wait_for_step(run_dir / "train.log", 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    rc, out = finish(proc)
+    assert rc == 143, out
+    assert not (run_dir / "PREEMPTED").exists()
+    assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["step"] >= 5
+    assert "terminated: saved" in out and "not requeued" in out
