@@ -40,13 +40,28 @@ def job_env(**extra: str) -> dict[str, str]:
     return clean_env(SLURM_CONF=os.environ["SLURM_CONF"], PYTHON=sys.executable, **extra)
 
 
-def sbatch_argv(script: str, *overrides: str, cwd: Path, name: str, sbatch_args: tuple[str, ...] = ()) -> list[str]:
-    return ["sbatch", "--parsable", "--wait", f"--job-name={name}", f"--output={cwd / name}.out", *sbatch_args,
+def sbatch_argv(script: str, *overrides: str, cwd: Path, name: str) -> list[str]:
+    return ["sbatch", "--parsable", "--wait", f"--job-name={name}", f"--output={cwd / name}.out",
             str(SCRIPTS / script), *overrides]
 
 
+_SUBMITTED: list[str] = []  # job names the running test submitted: cancelled when it ends
+
+
 def unique_name(tag: str) -> str:
-    return f"harness-test-{tag}-{uuid.uuid4().hex[:8]}"
+    name = f"harness-test-{tag}-{uuid.uuid4().hex[:8]}"
+    _SUBMITTED.append(name)
+    return name
+
+
+@pytest.fixture(autouse=True)
+def _cancel_leftover_jobs():
+    """A test that fails or times out (pytest-timeout) leaves no job behind in the queue."""
+    _SUBMITTED.clear()
+    yield
+    for name in _SUBMITTED:
+        cancel(name)
+    _SUBMITTED.clear()
 
 
 def cancel(name: str) -> None:
@@ -68,10 +83,10 @@ def wait_for(proc: subprocess.Popen[str], name: str, output: Path, timeout: floa
     return Job(job_id, name, proc.returncode, output)
 
 
-def submit(script: str, *overrides: str, cwd: Path, tag: str, sbatch_args: tuple[str, ...] = ()) -> tuple[
-        subprocess.Popen[str], str, Path]:
+def submit(script: str, *overrides: str, cwd: Path, tag: str) -> tuple[subprocess.Popen[str], str, Path]:
+    """Start `sbatch --wait` in the background; returns (process, job name, output file)."""
     name = unique_name(tag)
-    proc = subprocess.Popen(sbatch_argv(script, *overrides, cwd=cwd, name=name, sbatch_args=sbatch_args),
+    proc = subprocess.Popen(sbatch_argv(script, *overrides, cwd=cwd, name=name),
                             cwd=cwd, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, name, cwd / f"{name}.out"
 

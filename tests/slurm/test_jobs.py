@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm.conftest import JOB_TIMEOUT, assert_not_requeued, cancel, job_env, run_job, unique_name
+from tests.slurm.conftest import JOB_TIMEOUT, Job, assert_not_requeued, cancel, job_env, run_job, unique_name
 
 pytestmark = pytest.mark.slurm
 JOB = ("model=mlp", "trainer.epochs=2", "dist.backend=gloo")
@@ -35,29 +35,30 @@ def digests(run_dir: Path) -> dict[int, str]:
     return out
 
 
-def check_two_rank_run(root: Path, run_id: str, mode: str, n_epochs: int) -> None:
-    assert [p.name for p in root.iterdir()] == [run_id]  # one run directory, named by the job id
+def check_two_rank_run(job: Job, root: Path, mode: str, n_epochs: int) -> None:
+    assert job.returncode == 0, job.log
+    assert f"harness: job {job.id} attempt 1" in job.log and "attempt 2" not in job.log, job.log
+    run_id = f"slurm-{job.id}"
+    assert [p.name for p in root.iterdir()] == [run_id], job.log  # one run directory, named by the job id
     run_dir = root / run_id
-    assert f"({mode}, world size 2, backend gloo)" in (run_dir / "train.log").read_text()
-    assert epochs(run_dir) == list(range(1, n_epochs + 1))
+    train_log = (run_dir / "train.log").read_text()
+    assert f"({mode}, world size 2, backend gloo)" in train_log, train_log
+    assert epochs(run_dir) == list(range(1, n_epochs + 1)), train_log
     assert (run_dir / "checkpoints" / "last.pt").is_file() and not (run_dir / "PREEMPTED").exists()
     d = digests(run_dir)
-    assert set(d) == {0, 1} and d[0] == d[1]
+    assert set(d) == {0, 1} and d[0] == d[1], d
 
 
 @pytest.mark.timeout(JOB_TIMEOUT + 30)
 def test_srun_two_tasks_train_to_completion(tmp_path: Path, cache_dir: Path) -> None:
     job = run_job("cpu-srun.sbatch", *JOB, cwd=tmp_path, tag="srun")
-    assert job.returncode == 0, job.log
-    assert f"harness: job {job.id} attempt 1" in job.log
-    check_two_rank_run(tmp_path / "runs", f"slurm-{job.id}", "slurm", 2)
+    check_two_rank_run(job, tmp_path / "runs", "slurm", 2)
 
 
 @pytest.mark.timeout(JOB_TIMEOUT + 30)
 def test_srun_torchrun_one_task_two_workers(tmp_path: Path, cache_dir: Path) -> None:
     job = run_job("cpu-torchrun.sbatch", *JOB, cwd=tmp_path, tag="torchrun")
-    assert job.returncode == 0, job.log
-    check_two_rank_run(tmp_path / "runs", f"slurm-{job.id}", "torchrun", 2)
+    check_two_rank_run(job, tmp_path / "runs", "torchrun", 2)
 
 
 @pytest.mark.timeout(JOB_TIMEOUT + 30)
@@ -73,7 +74,7 @@ def test_bad_override_fails_with_the_error_in_the_log_and_no_requeue(tmp_path: P
 def test_failing_workers_end_the_job_without_requeue(tmp_path: Path, cache_dir: Path) -> None:
     """An error inside the step (here the batch check, which needs the world size) ends every rank."""
     job = run_job("cpu-srun.sbatch", "model=mlp", "data.batch_size=63", cwd=tmp_path, tag="fail")
-    assert job.returncode == 2, job.log
+    assert job.returncode != 0, job.log  # 2 from the ranks, or 143 if srun stopped a rank before it exited
     assert "data.batch_size=63 (the global batch) is not divisible by world size 2" in job.log
     assert "requeue" not in job.log
     assert_not_requeued(job)

@@ -51,9 +51,10 @@ def test_usr2_requeues_and_resumes_to_the_same_weights(tmp_path: Path, cache_dir
     reference = subprocess.Popen(harness_cmd(*JOB, "device=cpu", "dist.nproc=2"), cwd=tmp_path / "whole",
                                  env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
+        deadline = time.monotonic() + TIMEOUT
         signal_when_training({name: tmp_path / shape for shape, (_, name, _) in jobs.items()}, "USR2")
-        done = {shape: wait_for(*job, TIMEOUT) for shape, job in jobs.items()}
-        _, err = reference.communicate(timeout=TIMEOUT)
+        done = {shape: wait_for(*job, max(deadline - time.monotonic(), 1)) for shape, job in jobs.items()}
+        _, err = reference.communicate(timeout=max(deadline - time.monotonic(), 1))
     finally:
         reference.kill()
     assert reference.returncode == 0, err
@@ -79,8 +80,9 @@ def test_usr2_requeues_and_resumes_to_the_same_weights(tmp_path: Path, cache_dir
 @pytest.mark.timeout(TIMEOUT + 60)
 def test_sigterm_stops_the_job_without_requeue(tmp_path: Path, cache_dir: Path) -> None:
     proc, name, output = submit("cpu-srun.sbatch", *JOB, cwd=tmp_path, tag="term")
+    deadline = time.monotonic() + TIMEOUT
     signal_when_training({name: tmp_path}, "TERM")
-    job = wait_for(proc, name, output, TIMEOUT)
+    job = wait_for(proc, name, output, max(deadline - time.monotonic(), 1))
     assert job.returncode == 143, job.log  # the workers saved and exited 128 + SIGTERM
     assert "harness: preempted" not in job.log and "attempt 2" not in job.log, job.log
     run_dir = tmp_path / "runs" / f"slurm-{job.id}"
