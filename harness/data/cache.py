@@ -11,7 +11,7 @@ per node (or per job) fills the cache and the others find it ready. Safe extract
 Layout under `root`:
     <sha256[:16]>/<name>              one file, named by its digest
     <sha256[:16]>/<stem>/             its extracted contents, when it is an archive and extract=True
-    set-<manifest[:16]>/<name>...     a multi-file source (`files`: name -> sha256 under a base URL)
+    set-<sha256(names, digests)[:16]>/<name>...  several files (`files`: name -> sha256 under a base URL)
     unverified-<sha256(url)[:16]>/    a remote file fetched without a digest (allow_unverified)
     .../.<name>.part, .<name>.lock    a download in progress (resumed by the next try) and its lock
 """
@@ -171,7 +171,9 @@ def _fetch_set(base: str, files: Mapping[str, str], root: Path, *, allow_unverif
         if "/" in name or name in ("", ".", ".."):
             raise SourceError(f"data.files: {name!r} is not a plain file name")
     manifest = "\n".join(f"{name} {files[name].strip().lower()}" for name in sorted(files))
-    folder = root / f"set-{hashlib.sha256((base + chr(10) + manifest).encode()).hexdigest()[:16]}"
+    if not all(files.values()):
+        manifest = base + "\n" + manifest  # unverified: only the URL says what it is
+    folder = root / f"set-{hashlib.sha256(manifest.encode()).hexdigest()[:16]}"  # a mirror finds the same set
     for name in sorted(files):
         digest = files[name].strip().lower()
         if digest:

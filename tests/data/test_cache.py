@@ -198,6 +198,7 @@ def test_a_set_of_files_under_one_base_url(server: Server, tmp_path: Path, hashe
     assert (folder / "a.gz").read_bytes() == a and (folder / "b.gz").read_bytes() == b
     hashed.bytes = 0
     assert fetch(server.url("mnist/"), "", tmp_path, files=files, **FAST) == folder
+    assert fetch(server.url("mirror/"), "", tmp_path, files=files, **FAST) == folder  # same digests: same set
     assert len(server.requests()) == 2 and hashed.bytes == 0
     with pytest.raises(SourceError, match=r"data.files\['c'\] has no sha256"):
         fetch(server.url("mnist"), "", tmp_path, files={"c": ""}, **FAST)
