@@ -9,6 +9,7 @@ Printed `[zero_first]` lines give the measured latencies (pytest -s).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -160,15 +161,23 @@ class Run:
 
 @pytest.fixture
 def launched() -> Iterator[list[Run]]:
-    """Every launch of a test; afterwards nothing of it may be left running."""
+    """Every launch of a test; afterwards nothing of it may be left running: not the processes the
+    test started, not their children, and no rank (an orphaned torchrun worker is nobody's child)."""
     runs: list[Run] = []
     yield runs
-    leftovers = []
+    ranks = set()
     for run in runs:
-        for p in run.procs:
-            if p.poll() is None:
-                leftovers.append(p.pid)
-    for child in psutil.Process().children(recursive=True):  # clean up before failing
+        for f in run.out.glob("*.json"):
+            ranks.add(json.loads(f.read_text())["pid"])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in ranks):
+        time.sleep(0.05)
+    leftovers = [p.pid for run in runs for p in run.procs if p.poll() is None]
+    leftovers += [pid for pid in ranks if _alive(pid)]
+    for pid in leftovers:  # clean up before failing
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).kill()
+    for child in psutil.Process().children(recursive=True):
         child.kill()
     assert not leftovers, f"processes left running: {leftovers}"
 
