@@ -17,6 +17,7 @@ where it happens. The first step may initialise lazily; the last one is followed
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 import resource
@@ -31,6 +32,14 @@ from torch.utils.data import Dataset
 SHAPE = (1, 8, 8)  # as the shipped digits, so harness.models.MLP / SmallCNN take them unchanged
 CLASSES = 10
 DISTINCT = 2048  # distinct samples held in memory; longer datasets cycle, so RSS stays the runtime's
+
+
+def _current_rss_mib() -> float | None:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def sync_mode(fetch: int, steps: int, log_every: int) -> str:
@@ -56,6 +65,12 @@ class StepClock:
         self.times: list[float] = []
         self.cpu_times: list[float] = []  # this process's CPU time: less disturbed by a busy machine
         self.modes: dict[str, int] = {}
+        self.gc_s = 0.0  # time in Python's cyclic garbage collector so far: it grows with the heap
+        self.gc_times: list[float] = []  # gc_s at each fetch
+        self.gc_counts = [0, 0, 0]  # collections per generation
+        self._gc_t0 = 0.0
+        self.loop_rss_mib: float | None = None
+        gc.callbacks.append(self._on_gc)
         self._set_mode = set_sync_mode or torch.cuda.set_sync_debug_mode
         atexit.register(self.write)
 
@@ -63,17 +78,29 @@ class StepClock:
         fetch = len(self.times)
         self.times.append(time.monotonic())
         self.cpu_times.append(time.process_time())
+        self.gc_times.append(self.gc_s)
+        if fetch == self.steps - 1:  # the last step: the loop's own footprint, before evaluation and exit
+            self.loop_rss_mib = _current_rss_mib()
         if self.check_sync:
             mode = sync_mode(fetch, self.steps, self.log_every)
             self.modes[mode] = self.modes.get(mode, 0) + 1
             self._set_mode(mode)
 
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        else:
+            self.gc_s += time.perf_counter() - self._gc_t0
+            self.gc_counts[info["generation"]] += 1
+
     def record(self) -> dict[str, object]:
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         return {
             "rank": self.rank, "world_size": self.world, "pid": os.getpid(),
-            "fetch_times": self.times, "fetch_cpu_times": self.cpu_times,
+            "fetch_times": self.times, "fetch_cpu_times": self.cpu_times, "fetch_gc_times": self.gc_times,
+            "gc_collections": self.gc_counts, "gc_objects": len(gc.get_objects()),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+            "loop_rss_mib": self.loop_rss_mib,
             "cuda_max_allocated_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             "threads": torch.get_num_threads(),
             "sync_modes": self.modes,

@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
             dist.destroy_process_group()
 
 
-def train(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> None:
+def train(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> tuple[nn.Module, Synthetic]:
+    """The loop; returns the trained model and the training set (its step clock: bench/inproc.py)."""
     cuda = device.type == "cuda"
     data = {"steps": args.steps, "batch": args.batch, "log_every": args.log_every, "seed": args.seed}
     train_set = Synthetic(split="train", out=args.out, check_sync=args.check_sync, **data)
@@ -93,7 +94,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     per_rank = args.batch // world
     g = torch.Generator().manual_seed(args.seed * 1_000_003)  # epoch 0
     order = torch.randperm(len(train_set), generator=g).tolist()
-    batches = [order[s * args.batch + rank * per_rank:][:per_rank] for s in range(len(train_set) // args.batch)]
+    starts = (s * args.batch + rank * per_rank for s in range(len(train_set) // args.batch))
+    batches = [order[i:i + per_rank] for i in starts]
     loader = DataLoader(train_set, batch_sampler=batches, pin_memory=cuda)
 
     net.train()
@@ -131,6 +133,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         print(f"val accuracy {sums[0].item() / sums[1].item():.4f}", flush=True)
         if args.save:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, args.save)
+    return model, train_set
 
 
 if __name__ == "__main__":

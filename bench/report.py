@@ -71,9 +71,12 @@ def pair_stats(pairs: list[dict]) -> dict[str, dict]:
         out[metric] = {"reference": spread(ref), "harness": spread(har),
                        "ratio_of_medians": statistics.median(har) / statistics.median(ref),
                        "pair_ratios": spread([h / r for h, r in zip(har, ref, strict=True)])}
-    rss = {side: spread([max(p[side]["peak_rss_mib"]) for p in pairs]) for side in ("reference", "harness")}
-    rss["ratio_of_medians"] = rss["harness"]["median"] / rss["reference"]["median"]
-    out["peak_rss_mib"] = rss
+    for key in ("peak_rss_mib", "loop_rss_mib"):
+        if any(None in p[side][key] for p in pairs for side in ("reference", "harness")):
+            continue
+        rss = {side: spread([max(p[side][key]) for p in pairs]) for side in ("reference", "harness")}
+        rss["ratio_of_medians"] = rss["harness"]["median"] / rss["reference"]["median"]
+        out[key] = rss
     cuda = [p["harness"]["cuda_max_allocated_mib"][0] for p in pairs]
     if cuda and cuda[0] is not None:
         out["cuda_max_allocated_mib"] = {
@@ -113,9 +116,11 @@ def table(result: dict) -> str:
             lines.append(f"{name:<18}{label:<22}{fmt(x['reference'], digits):<26}{fmt(x['harness'], digits):<26}"
                          f"{x['ratio_of_medians']:.3f} ({x['pair_ratios']['min']:.2f}-{x['pair_ratios']['max']:.2f})")
             name = pairs if label == "steady ms/step" else ""
-        r = st["peak_rss_mib"]
-        lines.append(f"{'':<18}{'peak RSS MiB/rank':<22}{fmt(r['reference'], 0):<26}{fmt(r['harness'], 0):<26}"
-                     f"{r['ratio_of_medians']:.3f}")
+        for label, key in (("peak RSS MiB/rank", "peak_rss_mib"), ("  RSS in the loop", "loop_rss_mib")):
+            if key in st:
+                r = st[key]
+                lines.append(f"{'':<18}{label:<22}{fmt(r['reference'], 0):<26}{fmt(r['harness'], 0):<26}"
+                             f"{r['ratio_of_medians']:.3f}")
         if "cuda_max_allocated_mib" in st:
             c = st["cuda_max_allocated_mib"]
             lines.append(f"{'':<18}{'cuda max alloc MiB':<22}{fmt(c['reference'], 1):<26}{fmt(c['harness'], 1):<26}")
@@ -123,12 +128,12 @@ def table(result: dict) -> str:
         lines.append(f"{'':<18}{'same final weights':<22}{w['bitwise_equal']}/{w['pairs']} pairs bitwise"
                      + (f" (max abs diff {w['max_abs_diff']:.2e})" if w["max_abs_diff"] else ""))
     launcher = result.get("launcher")
-    if launcher and launcher.get("first_step_s"):
+    if launcher:
         f = launcher["first_step_s"]
-        lines += ["", f"launcher, {launcher['world']} processes, s to first step, median [min-max] of "
-                  f"{f['reference-torchrun']['n']}: torchrun + reference {fmt(f['reference-torchrun'], 2)}; "
-                  f"torchrun + harness worker {fmt(f['harness-torchrun'], 2)}; "
-                  f"python -m harness.train {fmt(f['harness'], 2)}",
+        lines += ["", f"to first step, {launcher['world']} processes, s, median [min-max] (runs): "
+                  f"torchrun + reference {fmt(f['reference-torchrun'], 2)} ({f['reference-torchrun']['n']}); "
+                  f"torchrun + harness {fmt(f['harness-torchrun'], 2)} ({f['harness-torchrun']['n']}); "
+                  f"python -m harness.train {fmt(f['harness'], 2)} ({f['harness']['n']})",
                   f"  harness worker start-up over the reference's: "
                   f"{f['harness-torchrun']['median'] - f['reference-torchrun']['median']:+.2f} s; "
                   f"harness launcher over torchrun: {f['harness']['median'] - f['harness-torchrun']['median']:+.2f} s"]
@@ -137,6 +142,16 @@ def table(result: dict) -> str:
         lines += ["", f"zero_first release latency, {zf['world_size']} ranks gloo, ms, median [min-max] of "
                   f"{zf['rounds']}: zero_first {fmt(spread(zf['latency_ms']['zero_first']))}; "
                   f"dist.barrier (yardstick) {fmt(spread(zf['latency_ms']['barrier']))}"]
+    ip = result.get("inproc")
+    if ip:
+        q, r = ip["quantiles_ms"], ip["ratios"]
+        lines += ["", f"in one process ({ip['arch']} x1, {ip['rounds']} alternating rounds, "
+                  f"{q['cpu']['reference']['n']} blocks of {ip['log_every']} steps per side), ms/step p10 / p50: "
+                  f"CPU time reference {q['cpu']['reference']['p10']:.3f} / {q['cpu']['reference']['p50']:.3f}, "
+                  f"harness {q['cpu']['harness']['p10']:.3f} / {q['cpu']['harness']['p50']:.3f}",
+                  f"  ratio CPU time p10 {r['cpu']['p10']:.3f}, p50 {r['cpu']['p50']:.3f}; wall p10 "
+                  f"{r['wall']['p10']:.3f}, p50 {r['wall']['p50']:.3f}; same weights in "
+                  f"{ip['weights_equal_rounds']}/{ip['rounds'] + 1} rounds"]
     for note in result.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)

@@ -5,18 +5,24 @@
     python -m bench.run --device cuda --arch mlp,cnn --amp bf16 --channels-last --check-sync --worlds 1
 
 For each setting (model x process count) the two sides run in alternation, reference then harness,
-`--warmup` pairs first (discarded) and then `--pairs` pairs; settings take turns round by round, so
-a change in the machine's load reaches all of them alike. Each run is a fresh command, timed from
-its start; inside it the step clock (bench/data.py) gives the steady state (T(3N) - T(N)) / 2N.
-Then the launcher's start-up against torchrun's and zero_first's release latency. `--budget-s`
-bounds the whole: when the next round would not fit, it stops and says how many pairs it got.
-Prints one table (bench/report.py) and writes every run's numbers with the machine to
-`--out`/<time>-<device>-<archs>.json. Exit 1 when a run fails (its output's tail is printed).
+`--warmup` pairs first (discarded; the last one also sizes N so that the steady window lasts about
+`--window-s` on the reference) and then `--pairs` pairs; settings take turns round by round, so a
+change in the machine's load reaches all of them alike. Each run is a fresh command, timed from its
+start; inside it the step clock (bench/data.py) gives the steady state (T(3N) - T(N)) / 2N.
+Launcher start-up: the largest world's pairs already give torchrun + reference and
+`python -m harness.train` to first step; `--launcher-rounds` runs of the harness under torchrun,
+each right after a pair, split that into worker start-up and launcher. zero_first's release latency
+and the in-process comparison (bench/inproc.py: the loop's own overhead, steadier than separate
+commands on a shared machine) run once, first. `--budget-s` bounds the whole: when the next round
+would not fit, it stops and says how many pairs it got. Prints one table (bench/report.py) and
+writes every run's numbers with the machine to `--out`/<time>-<device>-<archs>.json. Exit 1 when a
+run fails (its output's tail is printed), 2 for --device cuda without CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -39,8 +45,6 @@ from bench.runs import (
     torchrun,
 )
 
-DEFAULT_N = {"mlp": 400, "cnn": 40}  # steps N: on one CPU core the steady window (2N steps) takes 0.3-4 s
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,7 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--worlds", default="1,2", help="comma-separated process counts")
     p.add_argument("--pairs", type=int, default=10, help="measured pairs per setting")
     p.add_argument("--warmup", type=int, default=1, help="pairs run first and discarded")
-    p.add_argument("--n", type=int, default=0, help=f"steady window N..3N; 0 = per arch {DEFAULT_N}")
+    p.add_argument("--n", type=int, default=0,
+                   help="steady window N..3N; 0 = from the warm-up, so that the window lasts --window-s")
+    p.add_argument("--window-s", type=float, default=0.6, help="target length of the steady window (adaptive N)")
     p.add_argument("--batch", type=int, default=64, help="global batch")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every process, both sides")
@@ -56,7 +62,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--amp", default="off", choices=["off", "bf16"])
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--check-sync", action="store_true", help="CUDA: fail on a host-device sync outside logging steps")
-    p.add_argument("--launcher-rounds", type=int, default=5, help="launcher start-up triples (largest world; 0 = skip)")
+    p.add_argument("--launcher-rounds", type=int, default=3,
+                   help="runs of the harness under torchrun next to the largest world's pairs (0 = skip)")
+    p.add_argument("--inproc-rounds", type=int, default=10,
+                   help="CPU: harness.fit vs the reference loop inside one process (bench/inproc.py; 0 = skip)")
     p.add_argument("--zero-first-rounds", type=int, default=20, help="zero_first latency rounds (0 = skip)")
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting rounds after this many seconds")
     p.add_argument("--run-timeout-s", type=float, default=240.0, help="one command's limit")
@@ -77,11 +86,6 @@ def run_pair(spec: Spec, work: Path, timeout_s: float, root: Path) -> dict:
             "weights_max_abs_diff": same_weights(ref.checkpoint, har.checkpoint), "load": report.load_avg()}
 
 
-def run_triple(spec: Spec, work: Path, timeout_s: float, root: Path) -> dict:
-    return {side: execute(side, spec, work / side, timeout_s, root).summary()
-            for side in ("reference", "harness-torchrun", "harness")}
-
-
 def run_zero_first(rounds: int, spec: Spec, work: Path, timeout_s: float, root: Path) -> dict:
     out = work / "zero_first.json"
     cmd = [*torchrun(2), "-m", "bench.zero_first", f"--rounds={rounds}", f"--out={out}"]
@@ -91,13 +95,42 @@ def run_zero_first(rounds: int, spec: Spec, work: Path, timeout_s: float, root: 
     return json.loads(out.read_text())
 
 
+def run_inproc(args: argparse.Namespace, arch: str, spec: Spec, work: Path, root: Path) -> dict:
+    out = work / "inproc.json"
+    cmd = [sys.executable, "-m", "bench.inproc", f"--arch={arch}", f"--rounds={args.inproc_rounds}",
+           f"--batch={args.batch}", f"--log-every={args.log_every}", f"--n={args.n or 200}", f"--out={out}"]
+    proc = subprocess.run(cmd, cwd=root, env=clean_env(spec, root), capture_output=True, text=True,
+                          timeout=args.run_timeout_s)
+    if proc.returncode != 0 or not out.is_file():
+        raise RunFailed(f"inproc (exit {proc.returncode}): {' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-3000:]}")
+    result = json.loads(out.read_text())
+    result.pop("blocks_ms")  # thousands of numbers; the quantiles are kept
+    return result
+
+
+def choose_n(step_ms: float, window_s: float, log_every: int, cap: int = 5000) -> int:
+    """N (a multiple of log_every) for a steady window of 2N steps lasting about `window_s`."""
+    n = round(window_s * 1e3 / step_ms / 2 / log_every) * log_every
+    return min(max(n, log_every), cap // log_every * log_every)
+
+
+def launcher_stats(setting: dict, harness_torchrun: list[dict]) -> dict:
+    """Time to first step of the largest world: the pairs' two sides and the harness under torchrun."""
+    pairs = setting["pairs"]
+    return {"world": setting["world"], "runs": harness_torchrun, "first_step_s": {
+        "reference-torchrun": report.spread([p["reference"]["first_step_s"] for p in pairs]),
+        "harness-torchrun": report.spread([r["first_step_s"] for r in harness_torchrun]),
+        "harness": report.spread([p["harness"]["first_step_s"] for p in pairs])}}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     worlds = [int(w) for w in args.worlds.split(",") if w.strip()]
     common = dict(batch=args.batch, log_every=args.log_every, threads=args.threads, device=args.device,
                   amp=args.amp, channels_last=args.channels_last, check_sync=args.check_sync)
-    specs = [Spec(arch=a, world=w, n=args.n or DEFAULT_N[a], **common) for a in archs for w in worlds]
+    start_n = args.n or 2 * args.log_every  # adaptive N: warm up short, then size the window
+    specs = [Spec(arch=a, world=w, n=start_n, **common) for a in archs for w in worlds]
     if args.device == "cuda":
         import torch
 
@@ -113,56 +146,54 @@ def main(argv: list[str] | None = None) -> int:
         "params": {**vars(args), "archs": archs, "worlds": worlds, "cosine_schedule": cosine_schedule(root)},
         "machine": {**report.machine(args.device), "harness_source": source_digest(root)},
         "load_start": report.load_avg(), "load_end": None,
-        "settings": [{"arch": s.arch, "world": s.world, "n": s.n, "spec": s.__dict__, "warmup": [], "pairs": []}
-                     for s in specs],
-        "launcher": None, "zero_first": None, "notes": [],
+        "settings": [{"arch": s.arch, "world": s.world, "n": s.n, "warmup": [], "pairs": []} for s in specs],
+        "launcher": None, "zero_first": None, "inproc": None, "notes": [],
     }
+    biggest = max(range(len(specs)), key=lambda i: specs[i].world)
+    do_launcher = args.launcher_rounds > 0 and specs[biggest].world > 1
+    harness_torchrun: list[dict] = []
     code = 0
     try:
-        multi = [s for s in specs if s.world > 1]
-        if args.zero_first_rounds and multi:
-            result["zero_first"] = run_zero_first(args.zero_first_rounds, multi[0], work, args.run_timeout_s,
+        if args.zero_first_rounds and specs[biggest].world > 1:
+            result["zero_first"] = run_zero_first(args.zero_first_rounds, specs[biggest], work, args.run_timeout_s,
                                                   root)
             log(f"zero_first: {report.fmt(report.spread(result['zero_first']['latency_ms']['zero_first']))} ms")
-        launch_spec = max(specs, key=lambda s: s.world).short(args.log_every)
-        launcher: dict = {"world": launch_spec.world, "triples": [], "first_step_s": None}
-        do_launcher = args.launcher_rounds > 0 and launch_spec.world > 1
-        took: dict[str, float] = {}  # the last duration of each kind of unit, to plan within the budget
+        if args.inproc_rounds and args.device == "cpu":
+            one = next((sp for sp in specs if sp.world == 1), specs[0])
+            result["inproc"] = run_inproc(args, one.arch, dataclasses.replace(one, world=1), work, root)
+            r = result["inproc"]["ratios"]["cpu"]
+            log(f"in one process: harness/reference CPU ms/step p10 {r['p10']:.3f}, p50 {r['p50']:.3f}")
+        took: dict[int, float] = {}  # each setting's last round, to plan within the budget
         for rnd in range(args.warmup + args.pairs):
-            units = [(f"{s.arch} x{s.world}", s, entry) for s, entry in zip(specs, result["settings"], strict=True)]
-            if do_launcher and rnd < args.launcher_rounds:
-                units.append(("launcher", launch_spec, None))
-            if rnd > args.warmup and time.monotonic() + sum(took.get(u[0], 0.0) for u in units) > deadline:
-                result["notes"].append(f"budget of {args.budget_s:.0f} s reached: {rnd - args.warmup} measured "
-                                       f"pairs per setting instead of {args.pairs}")
+            measured = rnd - args.warmup
+            if measured > 0 and time.monotonic() + sum(took.values()) > deadline:
+                result["notes"].append(f"budget of {args.budget_s:.0f} s reached: {measured} measured pairs per "
+                                       f"setting instead of {args.pairs}")
                 log(f"note: {result['notes'][-1]}")
                 break
-            for name, spec, entry in units:
-                t0 = time.monotonic()
-                if entry is None:
-                    launcher["triples"].append(run_triple(spec, work / "launcher", args.run_timeout_s, root))
-                    t = launcher["triples"][-1]
-                    log(f"launcher {len(launcher['triples'])}: first step s: torchrun+reference "
-                        f"{t['reference']['first_step_s']:.2f}, torchrun+harness "
-                        f"{t['harness-torchrun']['first_step_s']:.2f}, python -m harness.train "
-                        f"{t['harness']['first_step_s']:.2f}")
-                else:
-                    pair = run_pair(spec, work / name.replace(" ", ""), args.run_timeout_s, root)
-                    warm = rnd < args.warmup
-                    entry["warmup" if warm else "pairs"].append(pair)
-                    r, h = pair["reference"]["steady_ms"], pair["harness"]["steady_ms"]
-                    log(f"{name} {'warm-up' if warm else f'pair {rnd - args.warmup + 1}/{args.pairs}'}: "
-                        f"{r:.3f} vs {h:.3f} ms/step ({h / r:.3f}); load {pair['load'][0]}")
-                took[name] = time.monotonic() - t0
+            for i, entry in enumerate(result["settings"]):
+                t0, spec = time.monotonic(), specs[i]
+                name = f"{spec.arch} x{spec.world}"
+                pair = run_pair(spec, work / name.replace(" ", ""), args.run_timeout_s, root)
+                entry["warmup" if measured < 0 else "pairs"].append(pair)
+                r, h = pair["reference"]["steady_ms"], pair["harness"]["steady_ms"]
+                log(f"{name} N={spec.n} {'warm-up' if measured < 0 else f'pair {measured + 1}/{args.pairs}'}: "
+                    f"{r:.3f} vs {h:.3f} ms/step ({h / r:.3f}); load {pair['load'][0]}")
+                if measured == -1 and not args.n:  # the last warm-up sizes the window
+                    specs[i] = dataclasses.replace(spec, n=choose_n(r, args.window_s, spec.log_every))
+                    entry["n"] = specs[i].n
+                if i == biggest and do_launcher and 0 <= measured < args.launcher_rounds:
+                    run = execute("harness-torchrun", specs[i], work / "torchrun", args.run_timeout_s, root)
+                    harness_torchrun.append(run.summary())
+                    log(f"{name} first step s: reference (torchrun) {pair['reference']['first_step_s']:.2f}, harness "
+                        f"(launcher) {pair['harness']['first_step_s']:.2f}, harness (torchrun) "
+                        f"{run.first_step_s:.2f}")
+                took[i] = time.monotonic() - t0
         for entry in result["settings"]:
             if entry["pairs"]:
                 entry["stats"] = report.pair_stats(entry["pairs"])
-        if launcher["triples"]:
-            launcher["first_step_s"] = {
-                ("reference-torchrun" if side == "reference" else side):
-                    report.spread([t[side]["first_step_s"] for t in launcher["triples"]])
-                for side in ("reference", "harness-torchrun", "harness")}
-            result["launcher"] = launcher
+        if harness_torchrun and result["settings"][biggest]["pairs"]:
+            result["launcher"] = launcher_stats(result["settings"][biggest], harness_torchrun)
     except (RunFailed, subprocess.TimeoutExpired) as exc:
         log(f"error: {exc}")
         result["error"] = str(exc)

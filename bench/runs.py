@@ -189,7 +189,9 @@ class Run:
     def summary(self) -> dict:
         return {"side": self.side, "cmd": self.cmd, "wall_s": self.wall_s, "first_step_s": self.first_step_s,
                 "steady_ms": self.steady_ms, "steady_cpu_ms": self.steady_cpu_ms,
-                "peak_rss_mib": self.peak_rss_mib,
+                "peak_rss_mib": self.peak_rss_mib, "loop_rss_mib": [r["loop_rss_mib"] for r in self.ranks],
+                "window_gc_ms": (self.ranks[0]["fetch_gc_times"][3 * self.spec.n]
+                                 - self.ranks[0]["fetch_gc_times"][self.spec.n]) * 1e3,
                 "cuda_max_allocated_mib": [r["cuda_max_allocated_mib"] for r in self.ranks],
                 "threads": [r["threads"] for r in self.ranks], "sync_modes": [r["sync_modes"] for r in self.ranks]}
 

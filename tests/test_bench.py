@@ -66,17 +66,20 @@ def test_gpu_check_without_cuda_says_so_and_exits_2() -> None:
 
 @pytest.mark.slow
 def test_bench_runs_both_sides_for_a_few_steps(tmp_path: Path) -> None:
-    args = ["--worlds", "1,2", "--pairs", "1", "--warmup", "0", "--n", "10", "--log-every", "10",
-            "--launcher-rounds", "0", "--zero-first-rounds", "2", "--budget-s", "150", "--out", str(tmp_path)]
+    # world 2 only (world 1 runs inside bench.inproc): both sides' multi-process paths, under 60 s
+    args = ["--worlds", "2", "--pairs", "1", "--warmup", "0", "--n", "10", "--log-every", "10",
+            "--launcher-rounds", "0", "--zero-first-rounds", "2", "--inproc-rounds", "1", "--budget-s", "150",
+            "--out", str(tmp_path)]
     proc = subprocess.run([sys.executable, "-m", "bench.run", *args], cwd=REPO, env=clean_env(),
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "steady ms/step" in proc.stdout and "zero_first release latency" in proc.stdout
     (result,) = tmp_path.glob("*.json")
     data = json.loads(result.read_text())
-    assert [(s["world"], len(s["pairs"])) for s in data["settings"]] == [(1, 1), (2, 1)]
+    assert [(s["world"], len(s["pairs"])) for s in data["settings"]] == [(2, 1)]
     for setting in data["settings"]:
         pair = setting["pairs"][0]
         assert pair["weights_max_abs_diff"] == 0.0  # both sides did the same work, bit for bit
         assert all(len(pair[side]["peak_rss_mib"]) == setting["world"] for side in ("reference", "harness"))
     assert len(data["zero_first"]["latency_ms"]["zero_first"]) == 2
+    assert data["inproc"]["weights_equal_rounds"] == 2  # the warm-up round and the measured one

@@ -1,0 +1,107 @@
+"""The step loop's own overhead, in one process: `harness.fit` against the reference's loop.
+
+    python -m bench.inproc --rounds 12 --out result.json
+
+Separate commands (bench/run.py) measure what a user gets, but on a shared machine two processes
+seldom get the same share of a core, so their medians wander by more than the few percent in
+question. Here both loops run in one process (world size 1), alternately, round after round, on the
+same data and the same seeded model: the harness through its Python API (`harness.session`, so
+logging goes where a real run's does, and `harness.fit` with a run directory, so metrics and
+checkpoints are written as in a real run), the reference through `bench.reference.train`. The
+steady window's blocks of `log_every` steps (each ends with one logging step) are pooled per side,
+in wall time and in this process's CPU time (which a busy machine disturbs much less); their low
+quantiles are what each loop costs when the core is its own. The weights are compared
+too: both loops must do the same work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import harness
+from bench import reference
+from bench.data import Synthetic
+from bench.runs import cosine_schedule
+from harness.session import seed_everything
+
+
+def blocks_ms(ds: Synthetic, n: int, log_every: int) -> dict[str, list[float]]:
+    """ms per step of each `log_every`-step block between fetches N and 3N, in wall and in CPU time."""
+    assert ds.clock is not None
+    out = {}
+    for clock, t in (("wall", ds.clock.times), ("cpu", ds.clock.cpu_times)):
+        out[clock] = [(t[k + log_every] - t[k]) / log_every * 1e3 for k in range(n, 3 * n, log_every)]
+    return out
+
+
+def reference_round(args: argparse.Namespace, out: Path) -> tuple[dict[str, list[float]], dict]:
+    ref_args = reference.parse_args([f"--arch={args.arch}", f"--steps={3 * args.n + 1}", f"--batch={args.batch}",
+                                     f"--log-every={args.log_every}", f"--seed={args.seed}", f"--out={out}",
+                                     f"--schedule={'cosine' if cosine_schedule() else 'constant'}"])
+    model, train_set = reference.train(ref_args, 0, 1, torch.device("cpu"))
+    return blocks_ms(train_set, args.n, args.log_every), model.state_dict()
+
+
+def harness_round(args: argparse.Namespace, out: Path, session: harness.Session,
+                  i: int) -> tuple[dict[str, list[float]], dict]:
+    data = {"steps": 3 * args.n + 1, "batch": args.batch, "log_every": args.log_every, "seed": args.seed}
+    train_set = Synthetic(split="train", out=str(out), **data)
+    val_set = Synthetic(split="val", **data)
+    seed_everything(args.seed)
+    model = reference.ARCHS[args.arch]()
+    optimizer = torch.optim.SGD(model.parameters(), **reference.SGD)
+    run_dir = session.run_dir / f"round{i}"  # fresh: nothing to resume
+    run_dir.mkdir()
+    harness.fit(model=model, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss(), metric=harness.Accuracy(),
+                train_set=train_set, val_set=val_set, batch=harness.plan_batch(args.batch, 1),
+                trainer=harness.TrainerConfig(epochs=1, log_every=args.log_every), device=session.device,
+                run_dir=run_dir, seed=args.seed)
+    return blocks_ms(train_set, args.n, args.log_every), model.state_dict()
+
+
+def quantiles(values: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(values, n=20)
+    return {"p5": q[0], "p10": q[1], "p25": q[4], "p50": statistics.median(values), "n": len(values)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="mlp", choices=sorted(reference.ARCHS))
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--n", type=int, default=200, help="steady window: steps N..3N of each run")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="JSON file for the result")
+    args = p.parse_args(argv)
+    pooled: dict[str, dict[str, list[float]]] = {c: {"reference": [], "harness": []} for c in ("cpu", "wall")}
+    round_ratios: dict[str, list[float]] = {"cpu": [], "wall": []}
+    equal = 0
+    with tempfile.TemporaryDirectory(prefix="harness-inproc-") as tmp, \
+            harness.session(device="cpu", run_root=tmp, run_id_override="inproc") as s:
+        for i in range(args.rounds + 1):  # round 0 warms up
+            ref, ref_state = reference_round(args, Path(tmp) / f"r{i}")
+            har, har_state = harness_round(args, Path(tmp) / f"h{i}", s, i)
+            equal += all(torch.equal(ref_state[k], har_state[k]) for k in ref_state)
+            for c in ("cpu", "wall"):
+                if i:
+                    pooled[c]["reference"] += ref[c]
+                    pooled[c]["harness"] += har[c]
+                    round_ratios[c].append(statistics.median(har[c]) / statistics.median(ref[c]))
+    q = {c: {side: quantiles(v) for side, v in sides.items()} for c, sides in pooled.items()}
+    ratios = {c: {k: q[c]["harness"][k] / q[c]["reference"][k] for k in ("p5", "p10", "p25", "p50")} for c in q}
+    result = {"arch": args.arch, "rounds": args.rounds, "n": args.n, "batch": args.batch, "log_every": args.log_every,
+              "threads": torch.get_num_threads(), "quantiles_ms": q, "ratios": ratios, "round_ratios": round_ratios,
+              "weights_equal_rounds": equal, "blocks_ms": pooled}
+    Path(args.out).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
