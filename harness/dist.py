@@ -92,9 +92,14 @@ def init(env: DistEnv, *, backend: str, timeout_s: float, cuda: bool) -> torch.d
     return device
 
 
-def teardown() -> None:
+def teardown(clean: bool = False) -> None:
+    """Leave the process group. `clean` (every rank got here without an error): meet at a barrier
+    first, so no rank tears its connections down while a peer still uses them (seen: a gloo rank
+    aborting with 'terminate called without an active exception' when its peer left first)."""
     _spare_take(None)  # drop zero_first's spare connection first
     if dist.is_initialized():
+        if clean and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -8,14 +8,17 @@ and in each worker started by torchrun or srun.
 
 from __future__ import annotations
 
+import os
+
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from harness import engine, rundir
 from harness.batching import plan_batch
 from harness.config import to_config
-from harness.data.cache import fetch
+from harness.data.cache import fetch_configured
 from harness.dist import zero_first
+from harness.env import detect
 from harness.logs import get_logger
 from harness.session import seed_everything, session
 
@@ -23,6 +26,7 @@ from harness.session import seed_everything, session
 def run_job(cfg: DictConfig, *, run_id: str | None = None) -> engine.FitResult:
     """Train the job `cfg` describes, as this process's rank; raises on any failure."""
     c = to_config(cfg)
+    plan_batch(c.data.batch_size, detect(os.environ).world_size, c.trainer.accumulate)  # before any file is made
     with session(device=c.device, backend=c.dist.backend, timeout_s=c.dist.timeout, run_root=c.run_root,
                  run_id_override=run_id, deterministic=c.trainer.deterministic) as s:
         log = get_logger()
@@ -30,12 +34,9 @@ def run_job(cfg: DictConfig, *, run_id: str | None = None) -> engine.FitResult:
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         if s.is_master:
             rundir.write_text_atomic(s.run_dir / "config.yaml", config_yaml)
-        path = None
-        if c.data.url:
-            with zero_first("data"):
-                path = str(fetch(c.data.url, c.data.sha256, c.data.root, files=c.data.files,
-                                 extract=c.data.extract, verify=c.data.verify, offline=c.data.offline,
-                                 allow_unverified=c.data.allow_unverified, progress=s.env.local_rank == 0))
+        with zero_first("data"):
+            path = fetch_configured(c.data, progress=s.env.local_rank == 0)
+        if path is not None:
             log.info(f"dataset {c.data.url} -> {path}")
         with zero_first("dataset"):  # a dataset may cache derived files of its own on first use
             train_set = instantiate(cfg.data.dataset, path=path, split="train")

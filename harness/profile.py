@@ -73,11 +73,10 @@ def _micro_batch(cfg: DictConfig) -> int:
 def _inputs(cfg: DictConfig, batch: int, shape: tuple[int, ...] | None) -> torch.Tensor:
     if shape is not None:
         return torch.randn(batch, *shape)
-    from harness.data.cache import fetch
+    from harness.data.cache import fetch_configured
 
-    c = to_config(cfg)
-    path = fetch(c.data.url, c.data.sha256, c.data.root)
-    dataset = instantiate(cfg.data.dataset, path=str(path), split="val")
+    path = fetch_configured(to_config(cfg).data)
+    dataset = instantiate(cfg.data.dataset, path=path, split="val")
     return torch.stack([dataset[i % len(dataset)][0] for i in range(batch)])
 
 

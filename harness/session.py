@@ -117,6 +117,7 @@ def session(
         torch.backends.cudnn.benchmark = False
     chosen = backend if backend != "auto" else ("nccl" if cuda else "gloo")
     log = logs.setup_console(env.rank)
+    clean = False
     try:
         dev = hdist.init(env, backend=chosen, timeout_s=timeout_s, cuda=cuda)
         root = Path(run_root)
@@ -132,6 +133,7 @@ def session(
                  f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={environ.get('OMP_NUM_THREADS')}, "
                  f"CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES')}")
         yield Session(env, dev, run_dir)
+        clean = True
     finally:
         logs.close()
-        hdist.teardown()
+        hdist.teardown(clean=clean)

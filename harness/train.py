@@ -24,12 +24,15 @@ from harness import preempt, rundir
 from harness.batching import BatchSizeError, plan_batch
 from harness.checkpoint import CheckpointError
 from harness.config import ConfigError, conf_dir, quote_device_override, register_configs, to_config
+from harness.data.archive import ArchiveError
+from harness.data.cache import SourceError
 from harness.devices import DeviceError, check_mask_change, count_visible_gpus, parse_device, plan_devices
 from harness.env import detect, run_id
 from harness.job import run_job
 from harness.launch import launch_workers, patched_environ
 
-USER_ERRORS = (DeviceError, BatchSizeError, ConfigError, CheckpointError)
+# what a user can cause: a clean `error:` line and exit 2 instead of a traceback
+USER_ERRORS = (DeviceError, BatchSizeError, ConfigError, CheckpointError, SourceError, ArchiveError)
 EXIT_USER_ERROR = 2
 
 

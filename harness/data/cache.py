@@ -35,6 +35,7 @@ from urllib.parse import unquote, urljoin, urlparse
 from filelock import FileLock
 from tqdm import tqdm
 
+from harness.config import DataConfig
 from harness.data import archive
 
 CHUNK = 1 << 20
@@ -366,3 +367,11 @@ def _ensure_extracted(file: Path) -> Path:
             except archive.ArchiveError as exc:
                 raise SourceError(f"{file}: {exc}") from exc
     return target
+
+
+def fetch_configured(data: DataConfig, *, progress: bool = False) -> str | None:
+    """`fetch` with the keys of a `data:` config; None when the dataset needs no file (`data.url` empty)."""
+    if not data.url:
+        return None
+    return str(fetch(data.url, data.sha256, data.root, files=data.files, extract=data.extract, verify=data.verify,
+                     offline=data.offline, allow_unverified=data.allow_unverified, progress=progress))
