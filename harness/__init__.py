@@ -11,11 +11,22 @@ Command line: `python -m harness.train [overrides]` (see README). Python API, fo
                     trainer=harness.TrainerConfig(epochs=3), device=s.device, run_dir=s.run_dir)
 """
 
-from harness.batching import BatchPlan, plan_batch
-from harness.config import TrainerConfig
-from harness.engine import FitResult, fit
-from harness.metrics import Accuracy
-from harness.session import Session, session
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Accuracy", "BatchPlan", "FitResult", "Session", "TrainerConfig", "fit", "plan_batch", "session"]
+
+# Loaded on first use, so `import harness.env` (batch scripts, the launcher's checks) does not pay
+# for importing torch.
+_EXPORTS = {
+    "Accuracy": "harness.metrics", "BatchPlan": "harness.batching", "plan_batch": "harness.batching",
+    "TrainerConfig": "harness.config", "FitResult": "harness.engine", "fit": "harness.engine",
+    "Session": "harness.session", "session": "harness.session",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'harness' has no attribute {name!r}")
