@@ -14,7 +14,7 @@ import torch
 
 from harness import checkpoint
 from tests.conftest import clean_env, harness_cmd
-from tests.test_train import assert_no_process_left, digests, metrics
+from tests.runs import assert_no_process_left, digests, metrics
 
 pytestmark = pytest.mark.slow
 JOB = ["device=cpu", "dist.nproc=2", "trainer.epochs=3", "trainer.log_every=1", "trainer.check_every=2"]

@@ -3,18 +3,17 @@ workers (elastic_launch), torchrun, multirun, and the errors that must stop befo
 
 from __future__ import annotations
 
-import csv
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
 from harness import checkpoint
 from tests.conftest import REPO, clean_env, harness_cmd
+from tests.runs import assert_no_process_left, digests, metrics, only_run_dir
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 240
@@ -24,29 +23,8 @@ def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[s
     return subprocess.run(args, cwd=cwd, env=clean_env(**env), capture_output=True, text=True, timeout=TIMEOUT)
 
 
-def only_run_dir(root: Path) -> Path:
-    dirs = [p for p in root.iterdir() if p.is_dir()]
-    assert len(dirs) == 1, dirs
-    return dirs[0]
 
 
-def metrics(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def digests(run_dir: Path) -> dict[int, str]:
-    out = {}
-    for log in sorted((run_dir / "logs").glob("rank*.log")):
-        m = re.search(r"final weights digest (\w+) \(rank (\d+)\)", log.read_text())
-        assert m, f"{log} has no digest"
-        out[int(m.group(2))] = m.group(1)
-    return out
-
-
-def assert_no_process_left(marker: str) -> None:
-    left = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
-    assert not left, [p.info["cmdline"] for p in left]
 
 
 def assert_rank0_files(run_dir: Path, epochs: int) -> None:

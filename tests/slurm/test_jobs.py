@@ -7,7 +7,6 @@ controller, failed instead under CI=true (tests/conftest.py).
 
 from __future__ import annotations
 
-import csv
 import re
 import subprocess
 import sys
@@ -15,24 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.runs import digests, epochs
 from tests.slurm.conftest import JOB_TIMEOUT, Job, assert_not_requeued, cancel, job_env, run_job, unique_name
 
 pytestmark = pytest.mark.slurm
 JOB = ("model=mlp", "trainer.epochs=2", "dist.backend=gloo")
 
 
-def epochs(run_dir: Path) -> list[int]:
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return [int(row["epoch"]) for row in csv.DictReader(f)]
-
-
-def digests(run_dir: Path) -> dict[int, str]:
-    out = {}
-    for log in sorted((run_dir / "logs").glob("rank*.log")):
-        m = re.search(r"final weights digest (\w+) \(rank (\d+)\)", log.read_text())
-        assert m, f"{log} has no digest"
-        out[int(m.group(2))] = m.group(1)
-    return out
 
 
 def check_two_rank_run(job: Job, root: Path, mode: str, n_epochs: int) -> None:

@@ -12,8 +12,8 @@ import pytest
 
 from harness import checkpoint
 from tests.conftest import clean_env, harness_cmd
+from tests.runs import digests, epochs
 from tests.slurm.conftest import assert_not_requeued, job_env, submit, wait_for
-from tests.slurm.test_jobs import digests, epochs
 
 pytestmark = pytest.mark.slurm
 EPOCHS = 10
