@@ -1,13 +1,14 @@
 """The step loop's own overhead, in one process: `harness.fit` against the reference's loop.
 
-    python -m bench.inproc --rounds 12 --out result.json
+    python -m bench.inproc --rounds 12 --out result.json                         # world size 1
+    torchrun --standalone --nproc-per-node 2 -m bench.inproc --out result.json   # 2 ranks, gloo
 
 Separate commands (bench/run.py) measure what a user gets, but on a shared machine two processes
 seldom get the same share of a core, so their medians wander by more than the few percent in
-question. Here both loops run in one process (world size 1), alternately, round after round, on the
-same data and the same seeded model: the harness through its Python API (`harness.session`, so
-logging goes where a real run's does, and `harness.fit` with a run directory, so metrics and
-checkpoints are written as in a real run), the reference through `bench.reference.train`. The
+question. Here both loops run in one process (per rank), alternately, round after round, on the
+same data and the same seeded model: the harness through its Python API (`session`, so logging
+goes where a real run's does, and `fit` with a run directory, so metrics and checkpoints are
+written as in a real run), the reference through `bench.reference.train`. The
 steady window's blocks of `log_every` steps (each ends with one logging step) are pooled per side,
 in wall time and in this process's CPU time (which a busy machine disturbs much less); their low
 quantiles are what each loop costs when the core is its own. The weights are compared
@@ -25,11 +26,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import harness
 from bench import reference
 from bench.data import Synthetic
 from bench.runs import cosine_schedule
-from harness.session import seed_everything
+from harness.batching import plan_batch
+from harness.config import TrainerConfig
+from harness.engine import fit
+from harness.metrics import Accuracy
+from harness.session import Session, seed_everything, session
 
 
 def blocks_ms(ds: Synthetic, n: int, log_every: int) -> dict[str, list[float]]:
@@ -41,15 +45,16 @@ def blocks_ms(ds: Synthetic, n: int, log_every: int) -> dict[str, list[float]]:
     return out
 
 
-def reference_round(args: argparse.Namespace, out: Path) -> tuple[dict[str, list[float]], dict]:
+def reference_round(args: argparse.Namespace, out: Path,
+                    session: Session) -> tuple[dict[str, list[float]], dict]:
     ref_args = reference.parse_args([f"--arch={args.arch}", f"--steps={3 * args.n + 1}", f"--batch={args.batch}",
                                      f"--log-every={args.log_every}", f"--seed={args.seed}", f"--out={out}",
                                      f"--schedule={'cosine' if cosine_schedule() else 'constant'}"])
-    model, train_set = reference.train(ref_args, 0, 1, torch.device("cpu"))
+    model, train_set = reference.train(ref_args, session.rank, session.world_size, session.device)
     return blocks_ms(train_set, args.n, args.log_every), model.state_dict()
 
 
-def harness_round(args: argparse.Namespace, out: Path, session: harness.Session,
+def harness_round(args: argparse.Namespace, out: Path, session: Session,
                   i: int) -> tuple[dict[str, list[float]], dict]:
     data = {"steps": 3 * args.n + 1, "batch": args.batch, "log_every": args.log_every, "seed": args.seed}
     train_set = Synthetic(split="train", out=str(out), **data)
@@ -59,10 +64,10 @@ def harness_round(args: argparse.Namespace, out: Path, session: harness.Session,
     optimizer = torch.optim.SGD(model.parameters(), **reference.SGD)
     run_dir = session.run_dir / f"round{i}"  # fresh: nothing to resume
     run_dir.mkdir()
-    harness.fit(model=model, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss(), metric=harness.Accuracy(),
-                train_set=train_set, val_set=val_set, batch=harness.plan_batch(args.batch, 1),
-                trainer=harness.TrainerConfig(epochs=1, log_every=args.log_every), device=session.device,
-                run_dir=run_dir, seed=args.seed)
+    fit(model=model, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss(), metric=Accuracy(), train_set=train_set,
+        val_set=val_set, batch=plan_batch(args.batch, session.world_size),
+        trainer=TrainerConfig(epochs=1, log_every=args.log_every), device=session.device, run_dir=run_dir,
+        seed=args.seed)
     return blocks_ms(train_set, args.n, args.log_every), model.state_dict()
 
 
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="mlp", choices=sorted(reference.ARCHS))
     p.add_argument("--rounds", type=int, default=12)
-    p.add_argument("--n", type=int, default=200, help="steady window: steps N..3N of each run")
+    p.add_argument("--n-steps", dest="n", type=int, default=200, help="N: the steady window is steps N..3N of each run")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
@@ -85,9 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     round_ratios: dict[str, list[float]] = {"cpu": [], "wall": []}
     equal = 0
     with tempfile.TemporaryDirectory(prefix="harness-inproc-") as tmp, \
-            harness.session(device="cpu", run_root=tmp, run_id_override="inproc") as s:
+            session(device="cpu", run_root=tmp, run_id_override="inproc") as s:
         for i in range(args.rounds + 1):  # round 0 warms up
-            ref, ref_state = reference_round(args, Path(tmp) / f"r{i}")
+            ref, ref_state = reference_round(args, Path(tmp) / f"r{i}", s)
             har, har_state = harness_round(args, Path(tmp) / f"h{i}", s, i)
             equal += all(torch.equal(ref_state[k], har_state[k]) for k in ref_state)
             for c in ("cpu", "wall"):
@@ -98,9 +103,11 @@ def main(argv: list[str] | None = None) -> None:
     q = {c: {side: quantiles(v) for side, v in sides.items()} for c, sides in pooled.items()}
     ratios = {c: {k: q[c]["harness"][k] / q[c]["reference"][k] for k in ("p5", "p10", "p25", "p50")} for c in q}
     result = {"arch": args.arch, "rounds": args.rounds, "n": args.n, "batch": args.batch, "log_every": args.log_every,
-              "threads": torch.get_num_threads(), "quantiles_ms": q, "ratios": ratios, "round_ratios": round_ratios,
+              "world_size": s.world_size, "threads": torch.get_num_threads(), "quantiles_ms": q, "ratios": ratios,
+              "round_ratios": round_ratios,
               "weights_equal_rounds": equal, "blocks_ms": pooled}
-    Path(args.out).write_text(json.dumps(result))
+    if s.rank == 0:  # rank 0's clock: DDP keeps the ranks in step
+        Path(args.out).write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -142,13 +142,13 @@ def table(result: dict) -> str:
         lines += ["", f"zero_first release latency, {zf['world_size']} ranks gloo, ms, median [min-max] of "
                   f"{zf['rounds']}: zero_first {fmt(spread(zf['latency_ms']['zero_first']))}; "
                   f"dist.barrier (yardstick) {fmt(spread(zf['latency_ms']['barrier']))}"]
-    ip = result.get("inproc")
-    if ip:
+    for ip in result.get("inproc") or []:
         q, r = ip["quantiles_ms"], ip["ratios"]
-        lines += ["", f"in one process ({ip['arch']} x1, {ip['rounds']} alternating rounds, "
-                  f"{q['cpu']['reference']['n']} blocks of {ip['log_every']} steps per side), ms/step p10 / p50: "
-                  f"CPU time reference {q['cpu']['reference']['p10']:.3f} / {q['cpu']['reference']['p50']:.3f}, "
-                  f"harness {q['cpu']['harness']['p10']:.3f} / {q['cpu']['harness']['p50']:.3f}",
+        lines += ["", f"in one process per rank ({ip['arch']} x{ip.get('world_size', 1)}, {ip['rounds']} alternating "
+                  f"rounds, {q['cpu']['reference']['n']} blocks of {ip['log_every']} steps per side), ms/step "
+                  f"p10 / p50: CPU time reference {q['cpu']['reference']['p10']:.3f} / "
+                  f"{q['cpu']['reference']['p50']:.3f}, harness {q['cpu']['harness']['p10']:.3f} / "
+                  f"{q['cpu']['harness']['p50']:.3f}",
                   f"  ratio CPU time p10 {r['cpu']['p10']:.3f}, p50 {r['cpu']['p50']:.3f}; wall p10 "
                   f"{r['wall']['p10']:.3f}, p50 {r['wall']['p50']:.3f}; same weights in "
                   f"{ip['weights_equal_rounds']}/{ip['rounds'] + 1} rounds"]

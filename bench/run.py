@@ -95,10 +95,13 @@ def run_zero_first(rounds: int, spec: Spec, work: Path, timeout_s: float, root: 
     return json.loads(out.read_text())
 
 
-def run_inproc(args: argparse.Namespace, arch: str, spec: Spec, work: Path, root: Path) -> dict:
-    out = work / "inproc.json"
-    cmd = [sys.executable, "-m", "bench.inproc", f"--arch={arch}", f"--rounds={args.inproc_rounds}",
-           f"--batch={args.batch}", f"--log-every={args.log_every}", f"--n={args.n or 200}", f"--out={out}"]
+def run_inproc(args: argparse.Namespace, spec: Spec, work: Path, root: Path) -> dict:
+    """bench/inproc.py for one setting: one process, or torchrun for several."""
+    out = work / f"inproc-{spec.arch}-x{spec.world}.json"
+    launcher = torchrun(spec.world) if spec.world > 1 else [sys.executable]
+    n = args.n or (200 if spec.world == 1 else 100)
+    cmd = [*launcher, "-m", "bench.inproc", f"--arch={spec.arch}", f"--rounds={args.inproc_rounds}",
+           f"--batch={args.batch}", f"--log-every={args.log_every}", f"--n-steps={n}", f"--out={out}"]
     proc = subprocess.run(cmd, cwd=root, env=clean_env(spec, root), capture_output=True, text=True,
                           timeout=args.run_timeout_s)
     if proc.returncode != 0 or not out.is_file():
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {**report.machine(args.device), "harness_source": source_digest(root)},
         "load_start": report.load_avg(), "load_end": None,
         "settings": [{"arch": s.arch, "world": s.world, "n": s.n, "warmup": [], "pairs": []} for s in specs],
-        "launcher": None, "zero_first": None, "inproc": None, "notes": [],
+        "launcher": None, "zero_first": None, "inproc": [], "notes": [],
     }
     biggest = max(range(len(specs)), key=lambda i: specs[i].world)
     do_launcher = args.launcher_rounds > 0 and specs[biggest].world > 1
@@ -159,10 +162,12 @@ def main(argv: list[str] | None = None) -> int:
                                                   root)
             log(f"zero_first: {report.fmt(report.spread(result['zero_first']['latency_ms']['zero_first']))} ms")
         if args.inproc_rounds and args.device == "cpu":
-            one = next((sp for sp in specs if sp.world == 1), specs[0])
-            result["inproc"] = run_inproc(args, one.arch, dataclasses.replace(one, world=1), work, root)
-            r = result["inproc"]["ratios"]["cpu"]
-            log(f"in one process: harness/reference CPU ms/step p10 {r['p10']:.3f}, p50 {r['p50']:.3f}")
+            result["inproc"] = []
+            for spec in specs:
+                result["inproc"].append(run_inproc(args, spec, work, root))
+                r = result["inproc"][-1]["ratios"]["cpu"]
+                log(f"{spec.arch} x{spec.world} in one process per rank: harness/reference CPU ms/step p10 "
+                    f"{r['p10']:.3f}, p50 {r['p50']:.3f}")
         took: dict[int, float] = {}  # each setting's last round, to plan within the budget
         for rnd in range(args.warmup + args.pairs):
             measured = rnd - args.warmup
