@@ -161,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
             result["zero_first"] = run_zero_first(args.zero_first_rounds, specs[biggest], work, args.run_timeout_s,
                                                   root)
             log(f"zero_first: {report.fmt(report.spread(result['zero_first']['latency_ms']['zero_first']))} ms")
-        if args.inproc_rounds and args.device == "cpu":
+        if args.inproc_rounds and args.device == "cpu" and (args.amp != "off" or args.channels_last):
+            result["notes"].append("no in-process comparison: bench/inproc.py trains in float32, contiguous")
+        elif args.inproc_rounds and args.device == "cpu":
             result["inproc"] = []
             for spec in specs:
                 result["inproc"].append(run_inproc(args, spec, work, root))
