@@ -33,7 +33,7 @@ from harness.batching import plan_batch
 from harness.config import TrainerConfig
 from harness.engine import fit
 from harness.metrics import Accuracy
-from harness.session import Session, seed_everything, session
+from harness.runtime import Session, seed_everything, session
 
 
 def blocks_ms(ds: Synthetic, n: int, log_every: int) -> dict[str, list[float]]:

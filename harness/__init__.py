@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Accuracy": "harness.metrics", "BatchPlan": "harness.batching", "plan_batch": "harness.batching",
     "TrainerConfig": "harness.config", "FitResult": "harness.engine", "fit": "harness.engine",
-    "Session": "harness.session", "session": "harness.session",
+    "Session": "harness.runtime", "session": "harness.runtime",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -81,7 +81,7 @@ class TrainerConfig:
     resume: str = "auto"  # auto (the run directory's last.pt if present) | never | a checkpoint path
     save_every_steps: int = 0  # also write last.pt every N optimizer steps; 0 = once per epoch
     preempt_signal: str = "SIGUSR2"  # preemption: save at a step boundary, mark PREEMPTED, exit 0
-    check_every: int = 10  # steps between the ranks' agreement on a pending signal (a CPU all-reduce)
+    check_every: int = 10  # steps between the ranks' agreement on a signal (a pipelined CPU all-reduce)
     progress: bool = True  # tqdm bar on rank 0 (never when stderr is not a terminal)
     logger: str = "csv"  # csv (metrics.csv, always) | tensorboard (also <run>/tensorboard)
 

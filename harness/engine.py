@@ -280,11 +280,15 @@ class Loop:
         code = preempt.NONE
         for x, y in batches:
             x, y = _to(x, self.device, t.channels_last), y.to(self.device, non_blocking=True)
-            for i, (xm, ym) in enumerate(zip(x.chunk(acc), y.chunk(acc), strict=True)):
+            # without accumulation, no chunk and no division: 4 tensor ops a step, ~6% of a tiny model's step
+            micro = ((x, y),) if acc == 1 else zip(x.chunk(acc), y.chunk(acc), strict=True)
+            for i, (xm, ym) in enumerate(micro):
                 sync = nullcontext() if i == acc - 1 or self.ddp is None else self.ddp.no_sync()
                 with sync:
                     with self.autocast():
-                        loss = self.loss_fn(self.forward(xm), ym) / acc
+                        loss = self.loss_fn(self.forward(xm), ym)
+                        if acc > 1:
+                            loss = loss / acc
                     self.scaler.scale(loss).backward()
                 window += loss.detach()
             if t.grad_clip > 0:

@@ -20,7 +20,7 @@ from harness.data.cache import fetch_configured
 from harness.dist import zero_first
 from harness.env import detect
 from harness.logs import get_logger
-from harness.session import seed_everything, session
+from harness.runtime import seed_everything, session
 
 
 def run_job(cfg: DictConfig, *, run_id: str | None = None) -> engine.FitResult:

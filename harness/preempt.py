@@ -36,6 +36,8 @@ class SignalWatch:
         self.check_every = check_every
         self._signals = {getattr(signal, preempt_signal): PREEMPT, signal.SIGTERM: TERMINATE}
         self._previous: dict[int, Any] = {}
+        self._work: Any = None  # the all-reduce in flight since the last check
+        self._sent = torch.zeros(1, dtype=torch.int32)
         self._group = None
         if dist.is_initialized() and dist.get_world_size() > 1:
             # NCCL would need a CUDA tensor (and a device sync); a gloo group agrees on the CPU
@@ -55,16 +57,29 @@ class SignalWatch:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+        if self._work is not None:  # every rank has the same one in flight: finish it together
+            self._work.wait()
+            self._work = None
 
-    def agreed(self, step: int | None = None) -> int:
-        """The highest flag over all ranks; a collective every `check_every` steps (or when step is None)."""
-        if step is not None and step % self.check_every:
+    def agreed(self, step: int) -> int:
+        """The highest flag over all ranks, decided every `check_every` steps, the same on every rank.
+
+        Pipelined so the step loop never waits for it: each check collects the all-reduce the previous
+        check started and starts the next one. A signal therefore stops training within two checks.
+        """
+        if step % self.check_every:
             return NONE
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return self.flag
-        t = torch.tensor([self.flag], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
-        return int(t.item())
+        decided = NONE
+        if self._work is not None:
+            self._work.wait()
+            decided = int(self._sent.item())
+            self._work = None
+        if decided == NONE:
+            self._sent = torch.tensor([self.flag], dtype=torch.int32)
+            self._work = dist.all_reduce(self._sent, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        return decided
 
     def barrier(self) -> None:
         if dist.is_initialized() and dist.get_world_size() > 1:

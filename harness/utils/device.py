@@ -45,7 +45,7 @@ def select_device(
     The mask only takes effect if it is set before the CUDA runtime starts, and any earlier
     `torch.cuda.is_available()` starts it without a trace torch can report; a mask written too late
     made YOLOv5 return cuda:0 for `device='3'` and silently use GPU 0. Narrow the GPUs a process sees
-    before it starts (the launcher does: harness/launch.py, harness/session.py); in DDP each rank
+    before it starts (the launcher does: harness/launch.py, harness/runtime.py); in DDP each rank
     passes its own id.
     """
     request = parse_device(device)

@@ -82,7 +82,7 @@ def main() -> int:
         _append(out / "body.log", f"{mark} end {time.time()}")
 
     scopes = ["local", "global"] if a.scenario == "nodes" else ["local"]
-    try:  # as harness.session does: tear down in `finally`, also after an error
+    try:  # as harness.runtime.session does: tear down in `finally`, also after an error
         try:
             for scope in scopes:
                 for round_ in range(a.rounds):

@@ -1,4 +1,4 @@
-"""One process's place in a run: its device, its process group, the run directory, its logs.
+"""One process's runtime in a run: its device, its process group, the run directory, its logs.
 
 Owns the worker-side start-up that every way of starting shares (in-process launcher, torchrun,
 srun, a user's own script): read the environment, pick and pin the device before CUDA starts,
