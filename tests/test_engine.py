@@ -153,3 +153,20 @@ def test_user_metric_and_generated_dataset(tmp_path: Path) -> None:
                  batch=harness.plan_batch(20, 1), trainer=replace(BASE, epochs=5), device=torch.device("cpu"),
                  run_dir=tmp_path)
     assert result.last["val_samples"] == 37 and result.last["val_metric"] < 0.3
+
+
+def test_tensorboard_logger_writes_events(tmp_path: Path) -> None:
+    _run(tmp_path, replace(BASE, epochs=1, logger="tensorboard"))
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_deterministic_mode_is_switched_on_for_the_run(tmp_path: Path) -> None:
+    from harness.runtime import session
+
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        with session(device="cpu", run_root=tmp_path, run_id_override="det", deterministic=True):
+            assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before)
