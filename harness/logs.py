@@ -55,10 +55,13 @@ def setup_files(run_dir: Path, rank: int) -> logging.Logger:
 
 
 def close() -> None:
+    """Remove our handlers and give the logger back as we found it (a library leaves no global state)."""
     log = get_logger()
     for h in list(log.handlers):
         log.removeHandler(h)
         h.close()
+    log.propagate = True
+    log.setLevel(logging.NOTSET)
 
 
 class MetricsWriter:

@@ -170,3 +170,7 @@ def test_deterministic_mode_is_switched_on_for_the_run(tmp_path: Path) -> None:
             assert torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(before)
+    import logging
+
+    log = logging.getLogger("harness")  # the session gave the logger back as it found it
+    assert log.handlers == [] and log.propagate and log.level == logging.NOTSET
