@@ -48,3 +48,11 @@ def test_eval_shards_cover_each_sample_once(world: int) -> None:
     seen = sorted(i for r in range(world) for i in ShardSampler(359, rank=r, world_size=world))
     assert seen == list(range(359))
     assert sum(len(ShardSampler(359, rank=r, world_size=world)) for r in range(world)) == 359
+
+
+def test_the_seed_sets_the_order() -> None:
+    def order(seed: int) -> list[list[int]]:
+        s = GlobalBatchSampler(100, 10, seed=seed)
+        return list(s)
+
+    assert order(0) == order(0) and order(0) != order(1)
