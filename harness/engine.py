@@ -162,6 +162,7 @@ class Loop:
         # progress: where training stands; all of it goes into checkpoints
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.epoch_loss = 0.0  # this epoch's summed loss over the steps already taken (all ranks)
+        self.epoch_seconds = 0.0  # wall time of the last train_epoch
         self.best = float("-inf")
         self.result = FitResult()
         self.pending_rng: dict[str, Any] | None = None
@@ -350,7 +351,7 @@ class Loop:
         val = evaluate(evaluated, self.val_loader, self.loss_fn, self.metric, self.device, self.autocast,
                        self.t.channels_last)
         steps = self.steps_per_epoch
-        seconds = getattr(self, "epoch_seconds", 0.0)
+        seconds = self.epoch_seconds
         row = {"epoch": self.epoch + 1, "step": self.global_step, "train_loss": self.epoch_loss / (steps * self.world),
                "val_loss": val["val_loss"], f"val_{self.metric_name}": val["val_metric"],
                "val_samples": int(val["val_samples"]), "lr": self.optimizer.param_groups[0]["lr"],

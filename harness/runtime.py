@@ -58,7 +58,7 @@ class Session:
 def _worker_uses_cuda(device: object, env: DistEnv, environ: Mapping[str, str]) -> bool:
     """Decide CPU or CUDA in this process, and pin explicit GPU ids before CUDA starts.
 
-    Our own launcher already set the mask for its workers (HARNESS_RUN_ID marks them); under plain
+    Our own launcher already set the mask for its workers (HARNESS_LAUNCHED marks them); under plain
     torchrun or srun, `device=2,3` becomes CUDA_VISIBLE_DEVICES=2,3 here, one id per local rank.
     """
     request = parse_device(device)
