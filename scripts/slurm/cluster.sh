@@ -15,7 +15,9 @@
 #   SLURM_MIN_JOB_AGE=S              seconds a finished job stays in squeue (default 4, see below)
 #
 # Pitfalls this config already pays for (details: README "Slurm"):
-#   - munge's socket directory must be 0755 and its key 0600, or munged refuses to start;
+#   - munge's socket directory must be 0755 and its key 0600, or munged refuses to start; munged also
+#     wants every directory above the socket searchable by all, which a checkout under a 0700
+#     folder (mktemp -d) is not: the socket lives in /tmp/harness-munge-<hash of DIR>/ instead;
 #   - cred_expire=10: a requeued job waits cred_expire + 1 s before it can start again (default 120 s);
 #   - MinJobAge<=4 keeps `sbatch --wait` polling every 2 s (else 2, 8, 32, 32 s...), so finished jobs
 #     leave squeue within seconds: read outcomes from files (job output, log/jobcomp.log);
@@ -28,6 +30,9 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 D=${2:-$REPO/.slurm}
 CTLD_PORT=${SLURM_CTLD_PORT:-6817}
 D_PORT=${SLURM_D_PORT:-6818}
+
+# munged's socket: outside DIR (see the pitfalls above), named after DIR's absolute path
+sock_paths() { SOCK_DIR=/tmp/harness-munge-$(printf '%s' "$D" | sha256sum | cut -c1-12); SOCK=$SOCK_DIR/munge.socket.2; }
 
 log() { echo "[cluster.sh $(date +%T)] $*" >&2; }
 usage() { echo "usage: $0 start|stop|status [DIR]   (DIR default: $REPO/.slurm)" >&2; exit 2; }
@@ -48,8 +53,9 @@ install_packages() {
 }
 
 start_munge() {
-    local sock=$D/munge/munge.socket.2
-    chmod 0755 "$D/munge"
+    local sock=$SOCK
+    mkdir -p "$SOCK_DIR"
+    chmod 0755 "$D/munge" "$SOCK_DIR"
     [ -s "$D/munge/munge.key" ] || mungekey --create --keyfile="$D/munge/munge.key" --bits=1024
     chmod 0600 "$D/munge/munge.key"
     if alive "$D/munge/munged.pid"; then
@@ -81,7 +87,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$D/munge/munge.socket.2,cred_expire=10
+AuthInfo=socket=$SOCK,cred_expire=10
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$D_PORT
 StateSaveLocation=$D/state/ctld
@@ -171,8 +177,8 @@ status() {
 }
 
 case "$CMD" in
-    start) mkdir -p "$D"; D=$(cd "$D" && pwd); start ;;
-    stop) if [ -d "$D" ]; then D=$(cd "$D" && pwd); stop; fi ;;
+    start) mkdir -p "$D"; D=$(cd "$D" && pwd); sock_paths; start ;;
+    stop) if [ -d "$D" ]; then D=$(cd "$D" && pwd); sock_paths; stop; rm -rf "$SOCK_DIR"; fi ;;
     status) status ;;
     *) usage ;;
 esac
