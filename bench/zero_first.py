@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from harness.dist import zero_first
+from harness.zero_first import zero_first
 
 
 def measure(rounds: int, hold_s: float) -> dict[str, list[float]]:

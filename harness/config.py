@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 BACKENDS = ("auto", "gloo", "nccl")
+ON_STALL = ("report", "stop")
 
 
 class ConfigError(ValueError):
@@ -117,12 +118,20 @@ class DistConfig:
     timeout: float = 600.0  # seconds a collective may wait before the process group gives up
     max_restarts: int = 0  # times the elastic agent restarts failed workers (launcher mode)
     omp_threads: int = 0  # OMP_NUM_THREADS for workers when unset: 0 = as torchrun (1 if nproc > 1)
+    # liveness (world size > 1): every rank's watchdog names a lost or stuck rank on every survivor
+    watchdog: bool = True  # false: no heartbeat (dist.timeout is then the only bound on a hung rank)
+    dead_after: float = 15.0  # seconds without a heartbeat before a rank is lost (frozen, dead, cut off)
+    stall_after: float = 300.0  # seconds a live rank may hold the others up inside a training step
+    on_stall: str = "report"  # report (its stack in every survivor's log; keep waiting) | stop (exit 4)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"dist.backend={self.backend!r} is not one of {', '.join(BACKENDS)}")
-        if self.timeout <= 0:
-            raise ConfigError(f"dist.timeout={self.timeout} must be > 0 seconds")
+        for key in ("timeout", "dead_after", "stall_after"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"dist.{key}={getattr(self, key)} must be > 0 seconds")
+        if self.on_stall not in ON_STALL:
+            raise ConfigError(f"dist.on_stall={self.on_stall!r} is not one of {', '.join(ON_STALL)}")
         for key in ("nproc", "max_restarts", "omp_threads"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"dist.{key}={getattr(self, key)} must be >= 0")

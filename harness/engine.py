@@ -28,11 +28,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from harness import checkpoint, preempt
+from harness import checkpoint, preempt, watchdog
 from harness import dist as hdist
 from harness.batching import BatchPlan
 from harness.config import ConfigError, TrainerConfig
 from harness.data.sampler import GlobalBatchSampler, ShardSampler
+from harness.health import BACKWARD, DATA, EVAL, FORWARD, OPTIM, SAVE
 from harness.logs import MetricsWriter, get_logger
 from harness.plots import plot_results
 from harness.schedule import build_scheduler
@@ -166,6 +167,7 @@ class Loop:
         self.best = float("-inf")
         self.result = FitResult()
         self.pending_rng: dict[str, Any] | None = None
+        self.progress = watchdog.progress()  # where this rank is, for the liveness watchdog: set, never read
         self.log.info(f"data: {len(train_set)} train / {len(val_set)} val samples; {batch.describe()}; "
                       f"{self.steps_per_epoch} steps per epoch")
 
@@ -184,6 +186,7 @@ class Loop:
 
     def save(self, *names: str) -> None:
         """Every rank calls this (RNG states are gathered); rank 0 writes. Never inside a micro-step."""
+        self.progress.phase = SAVE
         rng = checkpoint.rng_state()
         states = [rng] * self.world
         if self.world > 1:
@@ -210,7 +213,7 @@ class Loop:
             self.stopper.best_epoch = s["early_stopping"]["best_epoch"]
         self.epoch, self.step_in_epoch, self.global_step = s["epoch"], s["step_in_epoch"], s["step"]
         self.epoch_loss, self.best = s["epoch_loss"], s["best"]
-        self.result.steps = self.global_step
+        self.result.steps = self.progress.step = self.global_step
         if s["world_size"] == self.world:
             self.pending_rng = s["rng"][self.rank]  # restored once the epoch's iterator exists
         else:
@@ -280,19 +283,24 @@ class Loop:
         epoch_sum = torch.zeros((), device=self.device)
         t0 = time.perf_counter()
         code = preempt.NONE
+        progress = self.progress  # phases are constants: attribute stores, nothing else, in the hot path
+        progress.phase = DATA
         for x, y in batches:
             x, y = _to(x, self.device, t.channels_last), y.to(self.device, non_blocking=True)
             # without accumulation, no chunk and no division: 4 tensor ops a step, ~6% of a tiny model's step
             micro = ((x, y),) if acc == 1 else zip(x.chunk(acc), y.chunk(acc), strict=True)
             for i, (xm, ym) in enumerate(micro):
+                progress.phase = FORWARD
                 sync = nullcontext() if i == acc - 1 or self.ddp is None else self.ddp.no_sync()
                 with sync:
                     with self.autocast():
                         loss = self.loss_fn(self.forward(xm), ym)
                         if acc > 1:
                             loss = loss / acc
+                    progress.phase = BACKWARD
                     (self.scaler.scale(loss) if self.fp16 else loss).backward()
                 window += loss.detach()
+            progress.phase = OPTIM
             if t.grad_clip > 0:
                 if self.fp16:
                     self.scaler.unscale_(self.optimizer)
@@ -308,7 +316,7 @@ class Loop:
                 self.ema.update(self.model)
             self.step_in_epoch += 1
             self.global_step += 1
-            self.result.steps = self.global_step
+            self.result.steps = progress.step = self.global_step
             if bar is not None:
                 bar.update(1)
             if self.global_step % t.log_every == 0:
@@ -324,6 +332,8 @@ class Loop:
             code = signals.agreed(self.global_step)
             if code:
                 break
+            progress.phase = DATA
+        progress.phase = EVAL  # the epoch's bookkeeping and evaluation: never a stall
         if bar is not None:
             bar.close()
         self._fold_loss(epoch_sum + window)

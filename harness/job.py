@@ -13,22 +13,24 @@ import os
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from harness import engine, rundir
+from harness import engine, rundir, watchdog
 from harness.batching import plan_batch
 from harness.config import to_config
 from harness.data.cache import fetch_configured
-from harness.dist import zero_first
 from harness.env import detect
 from harness.logs import get_logger
 from harness.runtime import seed_everything, session
+from harness.zero_first import zero_first
 
 
 def run_job(cfg: DictConfig, *, run_id: str | None = None) -> engine.FitResult:
     """Train the job `cfg` describes, as this process's rank; raises on any failure."""
     c = to_config(cfg)
     plan_batch(c.data.batch_size, detect(os.environ).world_size, c.trainer.accumulate)  # before any file is made
+    liveness = watchdog.WatchdogConfig(c.dist.dead_after, c.dist.stall_after, c.dist.on_stall) \
+        if c.dist.watchdog else None
     with session(device=c.device, backend=c.dist.backend, timeout_s=c.dist.timeout, run_root=c.run_root,
-                 run_id_override=run_id, deterministic=c.trainer.deterministic) as s:
+                 run_id_override=run_id, deterministic=c.trainer.deterministic, liveness=liveness) as s:
         log = get_logger()
         batch = plan_batch(c.data.batch_size, s.world_size, c.trainer.accumulate)
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)

@@ -12,14 +12,17 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 
 import psutil
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from harness import watchdog
 from harness.devices import DevicePlan
 
 
@@ -78,8 +81,13 @@ def forwarding(signal_name: str) -> Iterator[None]:
 
 
 def launch_workers(plan: DevicePlan, *, run_id: str, overrides: list[str], max_restarts: int,
-                   omp_threads: int, forward: str = "SIGUSR2") -> int:
-    """Run `plan.nproc` workers to completion; return the exit code for the launcher."""
+                   omp_threads: int, forward: str = "SIGUSR2", run_dir: Path | None = None) -> int:
+    """Run `plan.nproc` workers to completion; return the exit code for the launcher.
+
+    A lost or failed rank that the workers' watchdogs recorded in `run_dir`/incidents.jsonl during
+    this launch becomes one line per incident instead of the agent's summary (exit EXIT_PEER_LOST
+    when a rank was lost; 1 when one failed)."""
+    started = time.time()
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -96,6 +104,12 @@ def launch_workers(plan: DevicePlan, *, run_id: str, overrides: list[str], max_r
         try:
             elastic_launch(config, sys.executable)("-u", "-m", "harness.train", *overrides)
         except ChildFailedError as exc:
+            incidents = watchdog.read_incidents(run_dir, since=started) if run_dir is not None else []
+            for incident in incidents:
+                print(f"error: {incident['line']}", file=sys.stderr)
+            if incidents:
+                lost = any(i["kind"] != "failed" for i in incidents)
+                return watchdog.EXIT_PEER_LOST if lost else 1
             # the failing rank's traceback was printed by the worker (@record); this names the rank
             print(f"error: worker(s) failed:\n{exc.format_msg()}", file=sys.stderr)
             return 1

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from harness import dist as hdist
-from harness import logs, rundir
+from harness import logs, rundir, watchdog
 from harness.devices import (
     DeviceError,
     banner,
@@ -103,9 +103,13 @@ def session(
     run_root: str | os.PathLike[str] = "runs",
     run_id_override: str | None = None,
     deterministic: bool = False,
+    liveness: watchdog.WatchdogConfig | None = watchdog.WatchdogConfig(),  # noqa: B008 (frozen)
     environ: Mapping[str, str] | None = None,
 ) -> Iterator[Session]:
-    """Start this process's part of a run (see module docstring); always tears down."""
+    """Start this process's part of a run (see module docstring); always tears down.
+
+    `liveness`: the watchdog's bounds (None: no watchdog). With more than one rank it runs for the
+    whole session; a lost peer ends the session with watchdog.PeerLostError on every survivor."""
     environ = os.environ if environ is None else environ
     env = detect(environ)
     if env.mode == "launcher":
@@ -117,23 +121,24 @@ def session(
         torch.backends.cudnn.benchmark = False
     chosen = backend if backend != "auto" else ("nccl" if cuda else "gloo")
     log = logs.setup_console(env.rank)
-    clean = False
     try:
         dev = hdist.init(env, backend=chosen, timeout_s=timeout_s, cuda=cuda)
-        root = Path(run_root)
-        rid = run_id_override or run_id(environ)
-        if rid is None:  # torchrun without --rdzv-id: rank 0 picks a fresh timestamp and shares it
-            rid = hdist.share_from_master("run_id", rundir.create_unique(root).name if env.rank == 0 else None)
-        run_dir = rundir.ensure(root, rid)
-        logs.setup_files(run_dir, env.rank)
-        if env.rank == 0:
-            log.info(_banner(dev))
-            log.info(f"run directory {run_dir} ({env.mode}, world size {env.world_size}, backend {chosen})")
-        log.info(f"rank {env.rank}/{env.world_size} (local {env.local_rank}, pid {os.getpid()}) on {dev}; "
-                 f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={environ.get('OMP_NUM_THREADS')}, "
-                 f"CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES')}")
-        yield Session(env, dev, run_dir)
-        clean = True
+        with watchdog.watching(liveness) as wd:
+            root = Path(run_root)
+            rid = run_id_override or run_id(environ)
+            if rid is None:  # torchrun without --rdzv-id: rank 0 picks a fresh timestamp and shares it
+                rid = hdist.share_from_master("run_id", rundir.create_unique(root).name if env.rank == 0 else None)
+            run_dir = rundir.ensure(root, rid)
+            logs.setup_files(run_dir, env.rank)
+            if wd is not None:
+                wd.run_dir = run_dir
+            if env.rank == 0:
+                log.info(_banner(dev))
+                log.info(f"run directory {run_dir} ({env.mode}, world size {env.world_size}, backend {chosen})")
+            log.info(f"rank {env.rank}/{env.world_size} (local {env.local_rank}, pid {os.getpid()}) on {dev}; "
+                     f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={environ.get('OMP_NUM_THREADS')}, "
+                     f"CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES')}")
+            yield Session(env, dev, run_dir)
     finally:
         logs.close()
-        hdist.teardown(clean=clean)
+        hdist.teardown()

@@ -30,6 +30,7 @@ from harness.devices import DeviceError, check_mask_change, count_visible_gpus, 
 from harness.env import detect, run_id
 from harness.job import run_job
 from harness.launch import launch_workers, patched_environ
+from harness.watchdog import EXIT_PEER_LOST, PeerLostError
 
 # what a user can cause: a clean `error:` line and exit 2 instead of a traceback
 USER_ERRORS = (DeviceError, BatchSizeError, ConfigError, CheckpointError, SourceError, ArchiveError)
@@ -65,7 +66,7 @@ def launch(cfg: DictConfig) -> int:
         return exit_code(result.stopped)
     code = launch_workers(plan, run_id=rid, overrides=[*list(hc.overrides.task), *_search_path_override(hc)],
                           max_restarts=c.dist.max_restarts, omp_threads=c.dist.omp_threads,
-                          forward=c.trainer.preempt_signal)
+                          forward=c.trainer.preempt_signal, run_dir=Path(c.run_root) / rid)
     if code == 0 and preempt.was_preempted(Path(c.run_root) / rid):
         return preempt.EXIT_PREEMPTED
     return code
@@ -126,6 +127,8 @@ def worker(argv: list[str]) -> None:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
+    except PeerLostError:  # the watchdog has logged the one report; no traceback on top of it
+        raise SystemExit(EXIT_PEER_LOST) from None
     if result.stopped == "terminated":  # preempted workers exit 0: the agent must not restart them
         raise SystemExit(preempt.EXIT_TERMINATED)
 

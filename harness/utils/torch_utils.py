@@ -15,14 +15,13 @@ The code lives in small modules next to this one; this file only gathers it:
 | EarlyStopping (rank 0 decides under DDP)                     | harness/utils/early_stopping.py|
 | load_classifier, reshape_classifier_output                   | harness/utils/classifier.py    |
 | date_modified, git_describe                                  | harness/utils/meta.py          |
-| torch_distributed_zero_first                                 | harness/dist.py                |
+| torch_distributed_zero_first                                 | harness/zero_first.py          |
 
 The device grammar itself is harness/devices.py's; the batch check is harness/batching.py's.
 """
 
 from __future__ import annotations
 
-from harness.dist import torch_distributed_zero_first
 from harness.utils.classifier import load_classifier, reshape_classifier_output
 from harness.utils.device import select_device, time_sync
 from harness.utils.early_stopping import EarlyStopping
@@ -39,6 +38,7 @@ from harness.utils.modules import (
     smart_inference_mode,
 )
 from harness.utils.profiling import count_flops, model_info, profile
+from harness.zero_first import torch_distributed_zero_first
 
 __all__ = [
     "EarlyStopping",

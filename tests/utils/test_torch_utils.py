@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import harness.utils.device as udevice
-from harness import dist as hdist
+from harness import zero_first
 from harness.batching import BatchSizeError
 from harness.devices import DeviceError
 from harness.utils import meta
@@ -43,7 +43,7 @@ def quiet_logger():
 def test_every_yolov5_name_is_importable():
     for name in YOLOV5_NAMES:
         assert callable(getattr(tu, name)), name
-    assert tu.torch_distributed_zero_first is hdist.torch_distributed_zero_first
+    assert tu.torch_distributed_zero_first is zero_first.torch_distributed_zero_first
     assert tu.date_modified is meta.date_modified and tu.git_describe is meta.git_describe
 
 

@@ -43,16 +43,20 @@ def main() -> int:
     a = p.parse_args()
 
     from harness import dist as hdist
+    from harness import watchdog
     from harness.data.cache import fetch
     from harness.env import detect
+    from harness.zero_first import ZeroFirstError, zero_first
 
     env = detect(os.environ)
     out = Path(a.out)
     hdist.init(env, backend="gloo", timeout_s=60.0, cuda=False)
-    tag = f"rank{env.rank}-a{env.restart_count}"
+    # the attempt: torchrun's restart count, or ZF_ATTEMPT where a test replays a membership change
+    attempt = int(os.environ.get("ZF_ATTEMPT", env.restart_count))
+    tag = f"rank{env.rank}-a{attempt}"
 
     def record(outcome: str, message: str = "") -> None:
-        result = {"rank": env.rank, "node": env.node_rank, "restart": env.restart_count, "pid": os.getpid(),
+        result = {"rank": env.rank, "node": env.node_rank, "restart": attempt, "pid": os.getpid(),
                   "outcome": outcome, "message": message, "t": time.time()}
         (out / f"{tag}.json").write_text(json.dumps(result))
 
@@ -64,7 +68,7 @@ def main() -> int:
         leads = env.local_rank == 0 if scope == "local" else env.rank == 0
         mark = f"{scope}{round_} {env.rank} {env.node_rank}"
         _append(out / "body.log", f"{mark} start {time.time()}")
-        if leads and (a.scenario == "raise" or a.scenario == "restart" and env.restart_count == 0):
+        if leads and (a.scenario == "raise" or a.scenario == "restart" and attempt == 0):
             event("raise")
             raise ValueError(f"disk quota exceeded while preparing on rank {env.rank}")
         if leads and a.scenario == "hang":
@@ -82,23 +86,20 @@ def main() -> int:
         _append(out / "body.log", f"{mark} end {time.time()}")
 
     scopes = ["local", "global"] if a.scenario == "nodes" else ["local"]
-    try:  # as harness.runtime.session does: tear down in `finally`, also after an error
-        try:
-            for scope in scopes:
-                for round_ in range(a.rounds):
-                    with hdist.zero_first(f"data-{scope}", scope=scope,  # type: ignore[arg-type]
-                                          dead_after=a.dead_after):
-                        body(scope, round_)
-        except hdist.ZeroFirstError as exc:
-            record("ZeroFirstError", str(exc))
-            raise
-        except BaseException as exc:
-            record(type(exc).__name__, str(exc))
-            raise
-        record("ok")
-        import torch.distributed as dist
-
-        dist.barrier()  # nobody tears down the store (rank 0, srun shape) while others still use it
+    try:  # as harness.runtime.session does: the watchdog for the whole run, tear down in `finally`
+        with watchdog.watching(watchdog.WatchdogConfig(dead_after=a.dead_after)):
+            try:
+                for scope in scopes:
+                    for round_ in range(a.rounds):
+                        with zero_first(f"data-{scope}", scope=scope):  # type: ignore[arg-type]
+                            body(scope, round_)
+            except ZeroFirstError as exc:
+                record("ZeroFirstError", str(exc))
+                raise
+            except BaseException as exc:
+                record(type(exc).__name__, str(exc))
+                raise
+            record("ok")
     finally:
         hdist.teardown()
     return 0

@@ -1,0 +1,456 @@
+"""The watchdog every rank runs for the whole run, and what a rank does about a lost peer.
+
+Owns the two threads of the liveness protocol (harness/health.py) and the actions on a verdict:
+- the **round** thread beats, reads its peer and the news every period, on the one extra store
+  connection this rank opens; it judges its peer (dead, gone, stalled) and posts what it finds;
+- the **clock** thread only watches the round thread: a store call can block for ever when the
+  store's host is frozen, whatever its timeout, so "no round finished for dead_after" is how a
+  rank learns that it lost the store;
+- on a verdict (`_act`), once per rank: fence a frozen peer on this host (SIGKILL, checking pid
+  and start time so no other process is hit), log ONE report, the first reporter appends it to
+  `<run dir>/incidents.jsonl`, write torchrun's error file so the agent names the cause, let the
+  store's host (rank 0) linger until the others have read the verdict, and leave with
+  EXIT_PEER_LOST even when the main thread is blocked inside a collective (os._exit: no
+  checkpoint is written on the way out).
+- stacks: a rank that has not moved for stall_after dumps its threads' stacks (faulthandler,
+  which needs no GIL) into its own log and the store, so reports about it carry the stuck frame.
+
+The main thread's side is `watching()`: its error path asks `explain()` before printing anything,
+so a gloo "connection closed" caused by a lost peer becomes that peer's one-line report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import fcntl
+import json
+import logging
+import os
+import re
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch.distributed as dist
+
+from harness import dist as hdist
+from harness import health
+from harness.config import ON_STALL
+from harness.health import Identity, Keys, Member, PeerWatch, Progress, Verdict
+
+EXIT_PEER_LOST = 4  # a rank left because a peer was lost (README: exit codes)
+GRACE_S = 2.0  # how long a rank whose main thread is not handling the verdict waits before os._exit
+LEAVING_S = 10.0  # a main thread that is already leaving gets this long before os._exit
+COMM_ERROR = re.compile(r"gloo|nccl|connection|socket|pair|timed? ?out|store|closed|reset|broken pipe", re.I)
+
+log = logging.getLogger("harness")
+
+
+class PeerLostError(RuntimeError):
+    """This rank stopped because a peer (or the store) was lost; carries the verdict."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__(verdict.line())
+        self.verdict = verdict
+
+
+@dataclass(frozen=True)
+class WatchdogConfig:
+    dead_after: float = 15.0  # dist.dead_after
+    stall_after: float = 300.0  # dist.stall_after
+    on_stall: str = "report"  # dist.on_stall
+
+    def __post_init__(self) -> None:
+        if self.dead_after <= 0 or self.stall_after <= 0:
+            raise ValueError(f"dead_after={self.dead_after} and stall_after={self.stall_after} must be > 0 seconds")
+        if self.on_stall not in ON_STALL:
+            raise ValueError(f"on_stall={self.on_stall!r} is not one of {', '.join(ON_STALL)}")
+
+    @property
+    def period(self) -> float:
+        return health.period_for(self.dead_after)
+
+
+def thread_stacks() -> tuple[str, str]:
+    """All threads' Python stacks (faulthandler's dump), and the main thread's alone."""
+    with tempfile.TemporaryFile("w+") as f:
+        faulthandler.dump_traceback(file=f, all_threads=True)
+        f.seek(0)
+        text = f.read()
+    main = threading.main_thread().ident
+    for block in text.split("\n\n"):
+        m = re.match(r"(?:Current thread|Thread) (0x[0-9a-f]+)", block)
+        if m and int(m.group(1), 16) == main:
+            return text, block.strip()
+    return text, ""
+
+
+def _store_address(store: Any) -> str:
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    return f"{store.host}:{store.port}" if isinstance(store, dist.TCPStore) else type(store).__name__
+
+
+class Watchdog:
+    """This rank's watchdog. Made by `start()` (a collective); `progress` is what the loop sets."""
+
+    def __init__(self, config: WatchdogConfig, me: Identity, table: list[dict[str, Any]], attempt: str,
+                 store: Any, agent_store: bool) -> None:
+        self.config, self.me, self.table = config, me, table
+        self.keys = Keys(attempt)
+        self.progress = Progress()
+        self.run_dir: Path | None = None
+        world = len(table)
+        peer = health.watched_by(me.rank, world, health.watch_shift([t["host"] for t in table]))
+        self.address = _store_address(store)
+        host0 = table[0]
+        self.store_host = (f"the elastic agent on {host0['host']}" if agent_store
+                           else f"rank 0, pid {host0['pid']} on {host0['host']}")
+        self._own = store.clone()  # the one extra connection: the PG's stays free for the main thread
+        self.member = Member(self._own, self.keys, me, peer)
+        now = time.monotonic()
+        self.watch = PeerWatch(peer, config.dead_after, config.stall_after, config.period, since=now)
+        self.verdict: Verdict | None = None
+        self.leaving = False  # the main thread is handling an error (or leaving) itself
+        self._news_seen, self._reports_seen = 0, 0
+        self._last_ok = now
+        self._my_position: tuple[tuple[int, int] | None, float] = (None, now)
+        self._dumped = False
+        self._pending_stall: tuple[Verdict, int] | None = None  # waiting a few rounds for the peer's stack
+        self._acted = threading.Lock()
+        self._stopping, self._done = threading.Event(), threading.Event()
+        self._threads = [threading.Thread(target=self._rounds, name="harness-watchdog", daemon=True),
+                         threading.Thread(target=self._clock, name="harness-watchdog-clock", daemon=True)]
+
+    # ------------------------------------------------------------------ threads
+    def _start_threads(self) -> None:
+        self.member.beat(self.progress)
+        for t in self._threads:
+            t.start()
+
+    def _rounds(self) -> None:
+        period = self.config.period
+        while not self._stopping.wait(period):
+            try:
+                record, news = self.member.round(self.progress)
+                self._last_ok = time.monotonic()
+                self._judge(record, self._last_ok)
+                if news != self._news_seen:
+                    self._news_seen = news
+                    self._read_news()
+            except Exception as exc:  # the store went away (its host died): a verdict of our own
+                if not self._stopping.is_set():
+                    self._lost_store(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                return
+        with contextlib.suppress(Exception):  # say goodbye, so the watcher does not call us dead
+            self.progress.phase = health.EXITED
+            self.member.beat(self.progress)
+
+    def _clock(self) -> None:
+        limit = self.config.dead_after + self.config.period
+        while not self._stopping.wait(self.config.period / 2):
+            silent = time.monotonic() - self._last_ok
+            if silent > limit and self.verdict is None:
+                self._lost_store(f"no answer for {silent:.1f} s")
+                return
+
+    def _judge(self, record: dict[str, Any] | None, now: float) -> None:
+        watch = self.watch
+        watch.observe(record, now)
+        self._dump_if_stuck(now)
+        if self._pending_stall is not None:
+            self._finish_stall(now)
+        if watch.exited or self.verdict is not None or self.progress.phase == health.TEARDOWN:
+            return  # in teardown, peers leave: the barrier before it settles who got there
+        if watch.is_dead(now):
+            self._post(self._verdict("dead", watch, f"no heartbeat for {watch.silent_for(now):.1f} s "
+                                     "(frozen, dead or cut off)", watch.silent_for(now)))
+        elif watch.last is not None and self._gone(watch.last):
+            self._post(self._verdict("gone", watch, "its process is gone", watch.silent_for(now)))
+        elif watch.is_stalled(now, self.progress.position()):
+            watch.stalled = True
+            self._pending_stall = (self._verdict("stall", watch, "", now - watch.position_at), 0)
+
+    def _finish_stall(self, now: float) -> None:
+        """A stall report waits up to 3 rounds for the stuck rank's own stack dump."""
+        verdict, tries = self._pending_stall  # type: ignore[misc]
+        stack_key = self.keys.stack(self.watch.rank)
+        if not self._own.check([stack_key]) and tries < 3:
+            self._pending_stall = (verdict, tries + 1)
+            return
+        self._pending_stall = None
+        stack = self._own.get(stack_key).decode() if self._own.check([stack_key]) else ""
+        seconds = now - self.watch.position_at
+        verdict = replace(verdict, stack=stack, seconds=seconds,
+                          cause=f"no progress for {seconds:.1f} s while rank {self.me.rank} waits for it "
+                                f"(dist.stall_after={self.config.stall_after:g} s)")
+        if self.config.on_stall == "stop":
+            self._post(verdict)
+        else:
+            self.member.post_report(verdict)
+
+    def _dump_if_stuck(self, now: float) -> None:
+        """Once per stall of our own: every thread's stack into our log, the main one into the store."""
+        position = self.progress.position()
+        if position != self._my_position[0]:
+            self._my_position, self._dumped = (position, now), False
+            return
+        if position is None or self._dumped or now - self._my_position[1] <= self.config.stall_after:
+            return
+        self._dumped = True
+        everything, main = thread_stacks()
+        log.info(f"rank {self.me.rank}: no progress for {now - self._my_position[1]:.1f} s at step "
+                    f"{position[0]} in {self.progress.phase}; this process's threads:\n{everything}")
+        self._own.set(self.keys.stack(self.me.rank), main[: health.STACK_MAX])
+
+    def _gone(self, last: dict[str, Any]) -> bool:
+        """A peer on this host whose process ended: known at once, no need to wait for dead_after."""
+        if last["host"] != self.me.host:
+            return False
+        try:
+            p = psutil.Process(last["pid"])
+            return abs(p.create_time() - last["start"]) > 0.05 or p.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    def _verdict(self, kind: str, watch: PeerWatch, cause: str, seconds: float) -> Verdict:
+        subject = watch.last or {**self.table[watch.rank], "step": 0, "phase": ""}
+        return Verdict(kind, {k: subject[k] for k in ("rank", "host", "pid", "start", "step", "phase")},
+                       seconds, cause, self.me.rank, self.keys.attempt, time=time.time())
+
+    def _post(self, verdict: Verdict) -> None:
+        won = self.member.post_verdict(verdict)
+        self._act(won, reporter=won == verdict)
+
+    def _read_news(self) -> None:
+        verdict, reports = self.member.read_news(self._reports_seen)
+        self._reports_seen += len(reports)
+        for report in reports:
+            self._report(report, first=report.reporter == self.me.rank)
+        if verdict is not None:
+            self._act(verdict, reporter=verdict.reporter == self.me.rank)
+
+    def _lost_store(self, why: str) -> None:
+        if self.progress.phase in (health.TEARDOWN, health.EXITED):
+            return  # past the last barrier the store's host may leave first: the main thread finishes
+        cause = f"lost contact with the store at {self.address} (hosted by {self.store_host}): {why}"
+        self._act(Verdict("store", {"rank": None}, time.monotonic() - self._last_ok, cause, self.me.rank,
+                          self.keys.attempt, time=time.time()), reporter=True, shared=False)
+
+    # ------------------------------------------------------------------ actions
+    def _report(self, verdict: Verdict, first: bool) -> None:
+        stack = f"\n  its main thread:\n{verdict.stack}" if verdict.stack else ""
+        log.error(f"{verdict.line()}{stack}")
+        if first:
+            self._append_incident(verdict)
+
+    def _act(self, verdict: Verdict, reporter: bool, shared: bool = True) -> None:
+        """Once per rank: fence, report, acknowledge, linger if we may host the store, leave."""
+        if not self._acted.acquire(blocking=False):
+            return
+        if shared and verdict.kind == "dead":
+            self._fence(verdict.subject)
+        elif verdict.kind == "store" and not self.store_host.startswith("the elastic agent"):
+            self._fence_stopped(self.table[0])
+        if not self.leaving:
+            self._report(verdict, first=reporter and shared)
+            _write_error_file(verdict)
+        if not shared and reporter:
+            self._append_incident(verdict)
+        self.verdict = verdict  # after the report: a main thread waiting for it may end the process
+        if shared:
+            with contextlib.suppress(Exception):
+                self._own.add(self.keys.acks, 1)
+                if self.me.rank == 0:  # may host the store: the others must read the verdict first
+                    self._linger(expected=len(self.table) - (verdict.kind in ("dead", "gone")))
+        if self._done.wait(LEAVING_S if self.leaving else GRACE_S):
+            return  # the main thread finished on its own
+        for h in log.handlers:
+            with contextlib.suppress(Exception):
+                h.flush()
+        os._exit(EXIT_PEER_LOST)
+
+    def _linger(self, expected: int) -> None:
+        deadline = time.monotonic() + 2 * self.config.period + 1.0
+        while time.monotonic() < deadline and self._own.add(self.keys.acks, 0) < expected:
+            time.sleep(0.02)
+
+    def _fence(self, subject: dict[str, Any]) -> None:
+        """SIGKILL a peer named frozen if it runs on this host: it cannot leave by itself, and an agent
+        gives SIGTERM a 30 s grace. The pid and start time must both match: no other process is hit."""
+        if subject.get("host") != self.me.host or subject.get("pid") is None:
+            return
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(subject["pid"])
+            if abs(p.create_time() - subject["start"]) < 0.05:
+                p.kill()
+                log.info(f"rank {self.me.rank}: killed frozen rank {subject['rank']} (pid {subject['pid']})")
+
+    def _fence_stopped(self, subject: dict[str, Any]) -> None:
+        """The store's host rank is only fenced when it is stopped (SIGSTOP, a debugger), not when slow."""
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(subject["pid"]).status() == psutil.STATUS_STOPPED:
+                self._fence(subject)
+
+    def _append_incident(self, verdict: Verdict) -> None:
+        if self.run_dir is None:
+            return
+        path = self.run_dir / "incidents.jsonl"
+        with contextlib.suppress(OSError), open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # ranks that each lost the store all write: once per attempt and kind
+            if verdict.kind == "store" and path.stat().st_size:
+                for line in path.read_text().splitlines():
+                    seen = json.loads(line)
+                    if seen["attempt"] == verdict.attempt and seen["kind"] == "store":
+                        return
+            f.write(json.dumps({"line": verdict.line(), **json.loads(verdict.to_json())}) + "\n")
+
+    # ------------------------------------------------------------------ the main thread's side
+    def explain(self, exc: BaseException, peer_caused: bool = False) -> Verdict | None:
+        """Called by the main thread's error path: the verdict that explains `exc`, if any.
+
+        A collective that failed because a peer went away is usually raised before the watchdog has
+        a verdict: wait for one (at most dead_after and three periods) when the error looks like it,
+        or when the caller knows a peer caused it (zero_first: the master posts its own failure)."""
+        self.leaving = True
+        if self.verdict is None and (peer_caused or COMM_ERROR.search(f"{type(exc).__name__} {exc}")):
+            deadline = time.monotonic() + self.config.dead_after + 3 * self.config.period
+            while self.verdict is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return self.verdict
+
+    def fail(self, exc: BaseException) -> None:
+        """This rank raised: tell the others now, rather than let them wait in a collective."""
+        self.leaving = True
+        if self.verdict is not None:
+            return
+        subject = {"rank": self.me.rank, "host": self.me.host, "pid": self.me.pid, "start": self.me.start,
+                   "step": self.progress.step, "phase": self.progress.phase}
+        text = str(exc).splitlines()[0][:500] if str(exc) else ""
+        verdict = Verdict("failed", subject, 0.0, f"{type(exc).__name__}: {text}".rstrip(": "), self.me.rank,
+                          self.keys.attempt, time=time.time())
+        with contextlib.suppress(Exception):
+            won = self.member.post_verdict(verdict)
+            if won == verdict:
+                self._append_incident(verdict)
+            self.verdict = won
+            if self.me.rank == 0:
+                self._linger(expected=len(self.table) - 1)
+
+    def stop(self) -> None:
+        """Stop beating (the last beat says `exited`) and let any pending action know we are done."""
+        self._stopping.set()
+        self._done.set()
+        for t in self._threads:
+            t.join(timeout=2 * self.config.period + 1.0)
+
+
+_current: Watchdog | None = None
+
+
+def current() -> Watchdog | None:
+    return _current
+
+
+def progress() -> Progress:
+    """The running watchdog's Progress, or a detached one (setting it then costs nothing and does nothing)."""
+    return _current.progress if _current is not None else Progress()
+
+
+def start(config: WatchdogConfig) -> Watchdog | None:
+    """Start this rank's watchdog (every rank at once: it is a collective). None without a group."""
+    global _current
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    proc = psutil.Process()
+    me = Identity(dist.get_rank(), socket.gethostname(), proc.pid, proc.create_time())
+    entry: dict[str, Any] = {"rank": me.rank, "host": me.host, "pid": me.pid, "start": me.start}
+    if me.rank == 0:  # the attempt id: new at every rendezvous, the same on every rank
+        entry["attempt"] = f"{int(time.time())}-{os.urandom(4).hex()}"
+    table: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(table, entry)
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    wd = Watchdog(config, me, table, table[0]["attempt"], hdist.store(), agent_store=agent)
+    wd._start_threads()
+    _current = wd
+    return wd
+
+
+def stop() -> None:
+    global _current
+    wd, _current = _current, None
+    if wd is not None:
+        wd.stop()
+
+
+@contextlib.contextmanager
+def watching(config: WatchdogConfig | None, run_dir: Path | None = None) -> Iterator[Watchdog | None]:
+    """Run the body with this rank's watchdog (None: without one). On an error, a lost peer that
+    explains it becomes PeerLostError (no traceback wall); any other error is told to the others.
+    On success, every rank meets at a barrier before anyone stops watching or leaves."""
+    wd = start(config) if config is not None else None
+    if wd is not None:
+        wd.run_dir = run_dir
+    try:
+        yield wd
+    except BaseException as exc:
+        if wd is not None:
+            from harness.zero_first import ZeroFirstError  # its master's own verdict names the cause
+
+            peer_caused = isinstance(exc, ZeroFirstError | PeerLostError)
+            verdict = wd.explain(exc, peer_caused)
+            if verdict is not None and verdict.rank != wd.me.rank:
+                raise PeerLostError(verdict) from None
+            if not peer_caused:
+                wd.fail(exc)
+        raise
+    else:
+        if wd is not None:
+            wd.progress.phase = health.TEARDOWN
+        hdist.meet()
+    finally:
+        if wd is not None and _current is wd:
+            stop()
+
+
+@contextlib.contextmanager
+def scoped(config: WatchdogConfig | None = None) -> Iterator[Watchdog]:
+    """The running watchdog; or, outside a harness session (a user's own process group), one that
+    lives for the body only. Every rank must enter (starting one is a collective)."""
+    if _current is not None:
+        yield _current
+        return
+    wd = start(config or WatchdogConfig())
+    assert wd is not None, "scoped() needs a process group of more than one rank"
+    try:
+        yield wd
+    finally:
+        stop()
+
+
+def _write_error_file(verdict: Verdict) -> None:
+    """torchrun's agent prints the first failed worker's error file as the root cause."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or os.path.exists(path):
+        return
+    data = {"message": {"message": f"PeerLostError: {verdict.line()}",
+                        "extraInfo": {"py_callstack": verdict.stack or verdict.line(),
+                                      "timestamp": str(int(verdict.time or time.time()))}}}
+    with contextlib.suppress(OSError):
+        Path(path).write_text(json.dumps(data))
+
+
+def read_incidents(run_dir: Path, since: float = 0.0) -> list[dict[str, Any]]:
+    """The incidents recorded in `run_dir` at or after wall time `since`, oldest first."""
+    path = run_dir / "incidents.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("time", 0.0) >= since]
