@@ -116,8 +116,9 @@ def encode_beat(me: Identity, progress: Progress, count: int) -> str:
 @dataclass(frozen=True)
 class Verdict:
     """What happened to whom, as the reporter saw it. kind: dead (no heartbeat), gone (its process
-    ended, seen on its host), failed (it raised), stall (alive, holding the others up), store (this
-    rank lost contact with the store; never written to the store)."""
+    ended, seen on its host), failed (it raised), stall (alive, holding the others up), ask (a
+    watcher asks the rank it finds stalled for its stacks), store (this rank lost contact with the
+    store; never written to the store)."""
 
     kind: str
     subject: dict[str, Any]  # the lost rank's last heartbeat (rank, host, pid, start, step, phase), or the store
@@ -195,13 +196,15 @@ class PeerWatch:
         period: the peer may have beaten just before freezing, so we never call it early."""
         return not self.exited and self.silent_for(now) > self.dead_after + self.period
 
-    def is_stalled(self, now: float, mine: tuple[int, int] | None) -> bool:
-        """Alive, inside a training step after its first one, behind us, and not moving."""
+    def is_stalled(self, now: float, mine: tuple[int, int] | None, mine_since: float) -> bool:
+        """Alive, inside a training step after its first one, behind us, and neither it nor we have
+        moved for stall_after (we wait for it; a position we saw a period ago is no proof alone)."""
         if self.stalled or self.position is None or mine is None or self.last is None:
             return False
         if self.first_step is None or self.position[0] <= self.first_step:
             return False  # step 0 of this attempt (compile, warm-up, first batch) is never a stall
-        return self.position < mine and now - self.position_at > self.stall_after
+        waited = min(now - self.position_at, now - mine_since)
+        return self.position < mine and waited > self.stall_after
 
 
 class Member:

@@ -12,8 +12,9 @@ Owns the two threads of the liveness protocol (harness/health.py) and the action
   store's host (rank 0) linger until the others have read the verdict, and leave with
   EXIT_PEER_LOST even when the main thread is blocked inside a collective (os._exit: no
   checkpoint is written on the way out).
-- stacks: a rank that has not moved for stall_after dumps its threads' stacks (faulthandler,
-  which needs no GIL) into its own log and the store, so reports about it carry the stuck frame.
+- stacks: a rank its watcher finds holding the others up is asked (through the news) for its
+  threads' stacks; it dumps them (faulthandler, which needs no GIL) into its own log and the
+  store, and the watcher's report carries the stuck frame.
 
 The main thread's side is `watching()`: its error path asks `explain()` before printing anything,
 so a gloo "connection closed" caused by a lost peer becomes that peer's one-line report.
@@ -121,9 +122,8 @@ class Watchdog:
         self.leaving = False  # the main thread is handling an error (or leaving) itself
         self._news_seen, self._reports_seen = 0, 0
         self._last_ok = now
-        self._my_position: tuple[tuple[int, int] | None, float] = (None, now)
-        self._dumped = False
         self._pending_stall: tuple[Verdict, int] | None = None  # waiting a few rounds for the peer's stack
+        self._mine: tuple[tuple[int, int] | None, float] = (None, now)  # our own position, and since when
         self._acted = threading.Lock()
         self._stopping, self._done = threading.Event(), threading.Event()
         self._threads = [threading.Thread(target=self._rounds, name="harness-watchdog", daemon=True),
@@ -164,7 +164,9 @@ class Watchdog:
     def _judge(self, record: dict[str, Any] | None, now: float) -> None:
         watch = self.watch
         watch.observe(record, now)
-        self._dump_if_stuck(now)
+        position = self.progress.position()
+        if position != self._mine[0]:
+            self._mine = (position, now)
         if self._pending_stall is not None:
             self._finish_stall(now)
         if watch.exited or self.verdict is not None or self.progress.phase == health.TEARDOWN:
@@ -174,13 +176,18 @@ class Watchdog:
                                      "(frozen, dead or cut off)", watch.silent_for(now)))
         elif watch.last is not None and self._gone(watch.last):
             self._post(self._verdict("gone", watch, "its process is gone", watch.silent_for(now)))
-        elif watch.is_stalled(now, self.progress.position()):
+        elif watch.is_stalled(now, *self._mine):
             watch.stalled = True
-            self._pending_stall = (self._verdict("stall", watch, "", now - watch.position_at), 0)
+            asking = self._verdict("ask", watch, "stacks, please", now - watch.position_at)
+            self.member.post_report(asking)  # the stuck rank reads the news too, and dumps its stacks
+            self._pending_stall = (replace(asking, kind="stall"), 0)
 
     def _finish_stall(self, now: float) -> None:
         """A stall report waits up to 3 rounds for the stuck rank's own stack dump."""
         verdict, tries = self._pending_stall  # type: ignore[misc]
+        if not self.watch.stalled:  # it moved after all (observe() clears the flag): no report
+            self._pending_stall = None
+            return
         stack_key = self.keys.stack(self.watch.rank)
         if not self._own.check([stack_key]) and tries < 3:
             self._pending_stall = (verdict, tries + 1)
@@ -196,18 +203,12 @@ class Watchdog:
         else:
             self.member.post_report(verdict)
 
-    def _dump_if_stuck(self, now: float) -> None:
-        """Once per stall of our own: every thread's stack into our log, the main one into the store."""
-        position = self.progress.position()
-        if position != self._my_position[0]:
-            self._my_position, self._dumped = (position, now), False
-            return
-        if position is None or self._dumped or now - self._my_position[1] <= self.config.stall_after:
-            return
-        self._dumped = True
+    def _dump_stacks(self, asked_by: int) -> None:
+        """A watcher finds us holding the others up: every thread's stack into our own log, the main
+        thread's into the store, where the watcher picks it up for its report."""
         everything, main = thread_stacks()
-        log.info(f"rank {self.me.rank}: no progress for {now - self._my_position[1]:.1f} s at step "
-                    f"{position[0]} in {self.progress.phase}; this process's threads:\n{everything}")
+        log.warning(f"rank {self.me.rank} is holding the others up (rank {asked_by} asked for its stacks) at "
+                    f"step {self.progress.step} in {self.progress.phase}; this process's threads:\n{everything}")
         self._own.set(self.keys.stack(self.me.rank), main[: health.STACK_MAX])
 
     def _gone(self, last: dict[str, Any]) -> bool:
@@ -233,7 +234,10 @@ class Watchdog:
         verdict, reports = self.member.read_news(self._reports_seen)
         self._reports_seen += len(reports)
         for report in reports:
-            self._report(report, first=report.reporter == self.me.rank)
+            if report.kind != "ask":
+                self._report(report, first=report.reporter == self.me.rank)
+            elif report.rank == self.me.rank:
+                self._dump_stacks(asked_by=report.reporter)
         if verdict is not None:
             self._act(verdict, reporter=verdict.reporter == self.me.rank)
 
@@ -436,13 +440,16 @@ def scoped(config: WatchdogConfig | None = None) -> Iterator[Watchdog]:
 
 
 def _write_error_file(verdict: Verdict) -> None:
-    """torchrun's agent prints the first failed worker's error file as the root cause."""
+    """torchrun's agent prints the failed worker with the earliest error-file timestamp as the root
+    cause: date ours when the peer was lost (its last sign of life), so a fenced peer's own failure,
+    seen later, does not take the place of the reason."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path or os.path.exists(path):
         return
+    text = f"PeerLostError: {verdict.line()}" + (f"\n{verdict.stack}" if verdict.stack else "")
+    lost_at = (verdict.time or time.time()) - verdict.seconds
     data = {"message": {"message": f"PeerLostError: {verdict.line()}",
-                        "extraInfo": {"py_callstack": verdict.stack or verdict.line(),
-                                      "timestamp": str(int(verdict.time or time.time()))}}}
+                        "extraInfo": {"py_callstack": text, "timestamp": str(int(lost_at))}}}
     with contextlib.suppress(OSError):
         Path(path).write_text(json.dumps(data))
 
