@@ -13,6 +13,10 @@ steady window's blocks of `log_every` steps (each ends with one logging step) ar
 in wall time and in this process's CPU time (which a busy machine disturbs much less); their low
 quantiles are what each loop costs when the core is its own. The weights are compared
 too: both loops must do the same work.
+
+The harness runs twice per round, with the liveness watchdog (harness/watchdog.py) and without it
+(`dist.watchdog=false`): the session itself starts none, and the "harness" side starts one for its
+own round only, so neither the reference nor the "no watchdog" side shares the CPU with its thread.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch import nn
 from bench import reference
 from bench.data import Synthetic
 from bench.runs import cosine_schedule
+from harness import watchdog
 from harness.batching import plan_batch
 from harness.config import TrainerConfig
 from harness.engine import fit
@@ -55,14 +60,23 @@ def reference_round(args: argparse.Namespace, out: Path,
 
 
 def harness_round(args: argparse.Namespace, out: Path, session: Session,
-                  i: int) -> tuple[dict[str, list[float]], dict]:
+                  watched: bool) -> tuple[dict[str, list[float]], dict]:
+    if watched:  # as a real run has it; a collective, like the session's own start
+        watchdog.start(watchdog.WatchdogConfig())
+    try:
+        return _harness_fit(args, out, session)
+    finally:
+        watchdog.stop()
+
+
+def _harness_fit(args: argparse.Namespace, out: Path, session: Session) -> tuple[dict[str, list[float]], dict]:
     data = {"steps": 3 * args.n + 1, "batch": args.batch, "log_every": args.log_every, "seed": args.seed}
     train_set = Synthetic(split="train", out=str(out), **data)
     val_set = Synthetic(split="val", **data)
     seed_everything(args.seed)
     model = reference.ARCHS[args.arch]()
     optimizer = torch.optim.SGD(model.parameters(), **reference.SGD)
-    run_dir = session.run_dir / f"round{i}"  # fresh: nothing to resume
+    run_dir = session.run_dir / out.name  # fresh: nothing to resume
     run_dir.mkdir()
     fit(model=model, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss(), metric=Accuracy(), train_set=train_set,
         val_set=val_set, batch=plan_batch(args.batch, session.world_size),
@@ -86,25 +100,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="JSON file for the result")
     args = p.parse_args(argv)
-    pooled: dict[str, dict[str, list[float]]] = {c: {"reference": [], "harness": []} for c in ("cpu", "wall")}
+    sides = ("reference", "harness", "harness-no-watchdog")
+    pooled: dict[str, dict[str, list[float]]] = {c: {side: [] for side in sides} for c in ("cpu", "wall")}
     round_ratios: dict[str, list[float]] = {"cpu": [], "wall": []}
     equal = 0
     with tempfile.TemporaryDirectory(prefix="harness-inproc-") as tmp, \
-            session(device="cpu", run_root=tmp, run_id_override="inproc") as s:
+            session(device="cpu", run_root=tmp, run_id_override="inproc", liveness=None) as s:
         for i in range(args.rounds + 1):  # round 0 warms up
             ref, ref_state = reference_round(args, Path(tmp) / f"r{i}", s)
-            har, har_state = harness_round(args, Path(tmp) / f"h{i}", s, i)
+            har, har_state = harness_round(args, Path(tmp) / f"h{i}", s, watched=True)
+            bare, _ = harness_round(args, Path(tmp) / f"b{i}", s, watched=False)
             equal += all(torch.equal(ref_state[k], har_state[k]) for k in ref_state)
             for c in ("cpu", "wall"):
                 if i:
-                    pooled[c]["reference"] += ref[c]
-                    pooled[c]["harness"] += har[c]
+                    for side, blocks in zip(sides, (ref, har, bare), strict=True):
+                        pooled[c][side] += blocks[c]
                     round_ratios[c].append(statistics.median(har[c]) / statistics.median(ref[c]))
-    q = {c: {side: quantiles(v) for side, v in sides.items()} for c, sides in pooled.items()}
+    q = {c: {side: quantiles(v) for side, v in by_side.items()} for c, by_side in pooled.items()}
     ratios = {c: {k: q[c]["harness"][k] / q[c]["reference"][k] for k in ("p5", "p10", "p25", "p50")} for c in q}
+    watchdog_ab = {c: {k: q[c]["harness"][k] / q[c]["harness-no-watchdog"][k] for k in ("p10", "p50")} for c in q}
     result = {"arch": args.arch, "rounds": args.rounds, "n": args.n, "batch": args.batch, "log_every": args.log_every,
               "world_size": s.world_size, "threads": torch.get_num_threads(), "quantiles_ms": q, "ratios": ratios,
-              "round_ratios": round_ratios,
+              "watchdog_ab": watchdog_ab, "round_ratios": round_ratios,
               "weights_equal_rounds": equal, "blocks_ms": pooled}
     if s.rank == 0:  # rank 0's clock: DDP keeps the ranks in step
         Path(args.out).write_text(json.dumps(result))

@@ -152,6 +152,11 @@ def table(result: dict) -> str:
                   f"  ratio CPU time p10 {r['cpu']['p10']:.3f}, p50 {r['cpu']['p50']:.3f}; wall p10 "
                   f"{r['wall']['p10']:.3f}, p50 {r['wall']['p50']:.3f}; same weights in "
                   f"{ip['weights_equal_rounds']}/{ip['rounds'] + 1} rounds"]
+        ab = ip.get("watchdog_ab")
+        if ab:
+            lines.append(f"  liveness watchdog A/B (harness with / without it, dist.watchdog=false): CPU time p10 "
+                         f"{ab['cpu']['p10']:.3f}, p50 {ab['cpu']['p50']:.3f}; wall p10 {ab['wall']['p10']:.3f}, "
+                         f"p50 {ab['wall']['p50']:.3f}")
     for note in result.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)

@@ -105,10 +105,10 @@ def launch_workers(plan: DevicePlan, *, run_id: str, overrides: list[str], max_r
             elastic_launch(config, sys.executable)("-u", "-m", "harness.train", *overrides)
         except ChildFailedError as exc:
             incidents = watchdog.read_incidents(run_dir, since=started) if run_dir is not None else []
+            lost = any(i["kind"] != "failed" for i in incidents)
             for incident in incidents:
-                print(f"error: {incident['line']}", file=sys.stderr)
+                print(f"error: {'' if lost else 'worker(s) failed: '}{incident['line']}", file=sys.stderr)
             if incidents:
-                lost = any(i["kind"] != "failed" for i in incidents)
                 return watchdog.EXIT_PEER_LOST if lost else 1
             # the failing rank's traceback was printed by the worker (@record); this names the rank
             print(f"error: worker(s) failed:\n{exc.format_msg()}", file=sys.stderr)

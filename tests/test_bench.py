@@ -83,3 +83,5 @@ def test_bench_runs_both_sides_for_a_few_steps(tmp_path: Path) -> None:
         assert all(len(pair[side]["peak_rss_mib"]) == setting["world"] for side in ("reference", "harness"))
     assert len(data["zero_first"]["latency_ms"]["zero_first"]) == 2
     assert [ip["weights_equal_rounds"] for ip in data["inproc"]] == [2]  # the warm-up round and the measured one
+    assert all(set(ip["watchdog_ab"]["cpu"]) == {"p10", "p50"} for ip in data["inproc"])
+    assert "liveness watchdog A/B" in proc.stdout

@@ -370,6 +370,9 @@ def test_keys_carry_the_restart_count_in_a_store_that_outlives_the_workers(tmp_p
     stale = [k for k in store.list_keys() if re.search(r"harness/[^/]+/zero_first/data-local/1/node0/status$", k)]
     assert len(stale) == 2, stale  # one per attempt: the attempt id, not the restart count, tells them apart
     assert sorted(store.get(k).decode().split(":")[0] for k in stale) == ["error", "ok"]
+    # attempt 0's master also told everyone it failed (the watchdog's verdict); attempt 1 never read it
+    verdicts = [k for k in store.list_keys() if k.endswith("/verdict")]
+    assert len(verdicts) == 1 and json.loads(store.get(verdicts[0]))["kind"] == "failed"
     assert [launched[-1].result(r, 1)["outcome"] for r in (0, 1)] == ["ok", "ok"]
 
 
