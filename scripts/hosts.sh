@@ -166,6 +166,7 @@ up() {
         esac
     done
     [ ${#names[@]} -ge 1 ] || usage
+    check >/dev/null  # the reason, rather than the first command that fails
     mapfile -t names < <(host_names "${names[@]}")
     check_names "${names[@]}"
     [ -z "$owner" ] || alive "$owner" || die "--owner $owner: no such process"
