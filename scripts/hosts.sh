@@ -79,7 +79,8 @@ holder_pid() {  # name -> pid of the lab's live holder of that name (pid files c
 
 holders() {  # pids of the lab's holders, by argv[0]: one grep over /proc, no fork per process
     # (not the reaper: a bash whose subshells carry its argv[0] for a moment)
-    grep -zlsE "^harness-hosts:$LAB:[a-z0-9-]+\$" /proc/[0-9]*/cmdline | tr '\0' '\n' \
+    # a process that ends between the glob and the read makes grep exit 2: not a failure here
+    { grep -zlsE "^harness-hosts:$LAB:[a-z0-9-]+\$" /proc/[0-9]*/cmdline || true; } | tr '\0' '\n' \
         | awk -F/ '{ print $3 }' | while read -r pid; do
             case $(arg0 "$pid") in "harness-hosts:$LAB:reaper" | "") ;; *) echo "$pid" ;; esac
         done
@@ -251,7 +252,7 @@ ns_ids() {  # pids... -> the network and mount namespaces they hold that are not
 in_lab_ns() {  # ids...: pids of the processes in one of those namespaces, but the lab's own (holders)
     local skip
     skip=" $(holders | tr '\n' ' ') "
-    QUOTING_STYLE=literal stat -c '%N' /proc/[0-9]*/ns/net /proc/[0-9]*/ns/mnt 2>/dev/null \
+    { QUOTING_STYLE=literal stat -c '%N' /proc/[0-9]*/ns/net /proc/[0-9]*/ns/mnt 2>/dev/null || true; } \
         | awk -v ids=" $* " -v skip="$skip" -v me=$$ '{
             split($1, p, "/"); pid = p[3]
             if (index(ids, " " $3 " ") && !index(skip, " " pid " ") && pid != me && !(pid in seen)) {
@@ -261,7 +262,7 @@ in_lab_ns() {  # ids...: pids of the processes in one of those namespaces, but t
 }
 
 down_lab() {
-    local holders ids procs left waited=0 pid
+    local holders ids procs left=() waited=0 pid
     mapfile -t holders < <(holders)
     pid=$(holder_pid reaper) && [ "$pid" != $$ ] && holders+=("$pid")
     mapfile -t ids < <(ns_ids "${holders[@]}" | sort -u)
@@ -280,6 +281,12 @@ down_lab() {
             if [ ${#left[@]} -gt 0 ]; then
                 log "down: SIGKILL to ${#left[@]} processes still running after ${GRACE_S} s (${left[*]})"
                 kill -KILL "${left[@]}" 2>/dev/null || true
+                for _ in $(seq 1 40); do
+                    mapfile -t left < <(in_lab_ns "${ids[@]}")
+                    [ ${#left[@]} -gt 0 ] || break
+                    sleep 0.05
+                done
+                [ ${#left[@]} -eq 0 ] || log "down: ${left[*]} still running after SIGKILL (uninterruptible?)"
             fi
         fi
     fi
@@ -292,9 +299,13 @@ down_lab() {
         local LOCAL="" LOCAL_MADE=0
         # shellcheck disable=SC1091
         source "$D/lab.env"
-        [ "$LOCAL_MADE" != 1 ] || rm -rf "$LOCAL"
+        if [ "$LOCAL_MADE" = 1 ]; then
+            rm -rf "$LOCAL"
+            rmdir "$(dirname "$LOCAL")" 2>/dev/null || true  # the last lab takes the folder with it
+        fi
     fi
     rm -rf "$D"
+    [ ${#left[@]} -eq 0 ]  # a failure, for whoever checks: processes kept the lab's namespaces alive
 }
 
 # ---------------------------------------------------------------------------------------------
