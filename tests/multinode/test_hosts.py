@@ -133,6 +133,8 @@ def rank_lines(run_dir: Path) -> dict[int, tuple[int, str]]:
 def test_two_hosts_with_one_worker_each_train_like_one_host_with_two(lab, tmp_path: Path, cache_dir: Path) -> None:
     hosts = lab(2)
     t0 = time.monotonic()
+    # OMP_NUM_THREADS=1 on the hosts (Lab.env), as our launcher gives its 2 workers: torchrun sets it only
+    # with --nproc-per-node > 1, and bitwise equal weights need equal thread counts
     codes, logs = run_on_every_host(hosts, tmp_path, *JOB, f"run_root={tmp_path}/runs", rdzv_id="two-hosts")
     took = time.monotonic() - t0
     assert codes == [0, 0], logs
