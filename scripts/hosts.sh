@@ -31,7 +31,7 @@
 # Names: in each host the hostname is HOST and /etc/hosts (bound over the machine's, in the host's
 # mount namespace) names every host of the lab with its 198.18 address. A host's own name must not
 # resolve to loopback (Debian's 127.0.1.1 line): gloo and torchrun would advertise an address its
-# peers cannot reach.
+# peers cannot reach. So gloo needs no GLOO_SOCKET_IFNAME here (eth0 on every host, if you set it).
 #
 # Disks: each host's node-local directory LOCAL/HOST (--local, default /var/tmp/harness-hosts/<lab>)
 # is bound over the data cache path (--cache, default $HARNESS_CACHE or ~/.cache/harness), so jobs
