@@ -131,8 +131,8 @@ def session(
         if env.rank == 0:
             log.info(_banner(dev))
             log.info(f"run directory {run_dir} ({env.mode}, world size {env.world_size}, backend {chosen})")
-        log.info(f"rank {env.rank}/{env.world_size} (local {env.local_rank}, pid {os.getpid()}, host "
-                 f"{socket.gethostname()}) on {dev}; "
+        log.info(f"rank {env.rank}/{env.world_size} (local {env.local_rank}, host {socket.gethostname()}, "
+                 f"pid {os.getpid()}) on {dev}; "
                  f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={environ.get('OMP_NUM_THREADS')}, "
                  f"CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES')}")
         yield Session(env, dev, run_dir)

@@ -122,7 +122,7 @@ def rank_lines(run_dir: Path) -> dict[int, tuple[int, str]]:
     """Rank -> (local rank, host), from the line each rank logs when it starts."""
     found = {}
     for log in sorted((run_dir / "logs").glob("rank*.log")):
-        m = re.search(r"rank (\d+)/\d+ \(local (\d+), pid \d+, host (\S+)\)", log.read_text())
+        m = re.search(r"rank (\d+)/\d+ \(local (\d+), host (\S+), pid \d+\)", log.read_text())
         assert m, f"{log} names no rank and host"
         found[int(m.group(1))] = (int(m.group(2)), m.group(3))
     return found
