@@ -54,6 +54,12 @@ slurm-down: ## cancel the cluster's jobs and stop its daemons
 test-slurm: venv ## only the Slurm tests (real jobs; needs slurm-up or SLURM_CONF of a cluster)
 	SLURM_CONF=$(SLURM_CONF) $(BIN)/python -m pytest tests/slurm $(PYTEST_ARGS)
 
+# Emulated hosts (scripts/hosts.sh: network namespaces on a bridge of their own; root) for the tests
+# marked `multinode`; each test brings up and takes down its own.
+.PHONY: test-multinode
+test-multinode: venv ## only the multinode tests (several emulated hosts on this machine; root)
+	$(BIN)/python -m pytest tests/multinode tests/test_rundir.py $(PYTEST_ARGS)
+
 .PHONY: bench
 bench: venv ## harness vs a hand-written loop, side by side, with ratios (~9 min on 2 cores); options: ARGS='--help'
 	$(BIN)/python -m bench.run $(ARGS)

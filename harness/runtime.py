@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -129,13 +130,15 @@ def session(
             if rid is None:  # torchrun without --rdzv-id: rank 0 picks a fresh timestamp and shares it
                 rid = hdist.share_from_master("run_id", rundir.create_unique(root).name if env.rank == 0 else None)
             run_dir = rundir.ensure(root, rid)
+            rundir.check_shared(run_dir, env.rank)  # all ranks see rank 0's directory, or all refuse
             logs.setup_files(run_dir, env.rank)
             if wd is not None:
                 wd.run_dir = run_dir
             if env.rank == 0:
                 log.info(_banner(dev))
                 log.info(f"run directory {run_dir} ({env.mode}, world size {env.world_size}, backend {chosen})")
-            log.info(f"rank {env.rank}/{env.world_size} (local {env.local_rank}, pid {os.getpid()}) on {dev}; "
+            log.info(f"rank {env.rank}/{env.world_size} (local {env.local_rank}, host {socket.gethostname()}, "
+                     f"pid {os.getpid()}) on {dev}; "
                      f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={environ.get('OMP_NUM_THREADS')}, "
                      f"CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES')}")
             yield Session(env, dev, run_dir)

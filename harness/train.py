@@ -30,10 +30,11 @@ from harness.devices import DeviceError, check_mask_change, count_visible_gpus, 
 from harness.env import detect, run_id
 from harness.job import run_job
 from harness.launch import launch_workers, patched_environ
+from harness.rundir import RunDirError
 from harness.watchdog import EXIT_PEER_LOST, PeerLostError
 
 # what a user can cause: a clean `error:` line and exit 2 instead of a traceback
-USER_ERRORS = (DeviceError, BatchSizeError, ConfigError, CheckpointError, SourceError, ArchiveError)
+USER_ERRORS = (DeviceError, BatchSizeError, ConfigError, CheckpointError, SourceError, ArchiveError, RunDirError)
 EXIT_USER_ERROR = 2
 
 

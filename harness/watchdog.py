@@ -49,7 +49,10 @@ from harness.health import Identity, Keys, Member, PeerWatch, Progress, Verdict
 EXIT_PEER_LOST = 4  # a rank left because a peer was lost (README: exit codes)
 GRACE_S = 2.0  # how long a rank whose main thread is not handling the verdict waits before os._exit
 LEAVING_S = 10.0  # a main thread that is already leaving gets this long before os._exit
-COMM_ERROR = re.compile(r"gloo|nccl|connection|socket|pair|timed? ?out|store|closed|reset|broken pipe", re.I)
+# what a collective raises when a peer went away (gloo: "Connection reset by peer", "Connection closed by
+# peer", "Application timeout caused pair closure"; NCCL: "remote process exited"); torch's Dist*Error too
+COMM_ERROR = re.compile(r"\b(gloo|nccl|connection (reset|closed|refused)|socket|pair closure|timed out|"
+                        r"broken pipe|remote process exited)\b", re.I)
 
 log = logging.getLogger("harness")
 
@@ -324,7 +327,8 @@ class Watchdog:
         a verdict: wait for one (at most dead_after and three periods) when the error looks like it,
         or when the caller knows a peer caused it (zero_first: the master posts its own failure)."""
         self.leaving = True
-        if self.verdict is None and (peer_caused or COMM_ERROR.search(f"{type(exc).__name__} {exc}")):
+        comm = isinstance(exc, dist.DistError) or COMM_ERROR.search(str(exc)) is not None
+        if self.verdict is None and (peer_caused or comm):
             deadline = time.monotonic() + self.config.dead_after + 3 * self.config.period
             while self.verdict is None and time.monotonic() < deadline:
                 time.sleep(0.05)

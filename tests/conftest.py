@@ -1,7 +1,8 @@
 """Shared test fixtures and the markers' skip rules.
 
 Markers (pyproject.toml, --strict-markers): `slow` real multi-process runs; `gpu` needs CUDA
-(skipped without it); `slurm` needs a Slurm controller (skipped without one, FAILS under CI=true).
+(skipped without it); `slurm` needs a Slurm controller (skipped without one, FAILS under CI=true);
+`multinode` needs emulated hosts, scripts/hosts.sh (root: skipped without, FAILS under CI=true).
 """
 
 from __future__ import annotations
@@ -35,9 +36,20 @@ def _slurm_answers() -> bool:
         return False
 
 
+def _hosts_missing() -> str | None:
+    """Why emulated hosts cannot be made here (`scripts/hosts.sh check`); None when they can."""
+    try:
+        proc = subprocess.run(["bash", str(REPO / "scripts" / "hosts.sh"), "check"], capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    return None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["hosts.sh check failed"])[-1]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     cuda = _cuda_available()
     slurm = None
+    hosts: list[str | None] = []  # [why not], once asked
     for item in items:
         # markers, not keywords: a parametrize id like test_x[gpu] must not count as the marker
         if item.get_closest_marker("gpu") is not None and not cuda:
@@ -48,6 +60,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if not slurm and os.environ.get("CI") != "true":
                 item.add_marker(pytest.mark.skip(
                     reason="no Slurm controller answers `sinfo` (start one: scripts/slurm/cluster.sh start)"))
+        if item.get_closest_marker("multinode") is not None:
+            if not hosts:
+                hosts.append(_hosts_missing())
+            if hosts[0] is not None and os.environ.get("CI") != "true":
+                item.add_marker(pytest.mark.skip(reason=f"no emulated hosts here: {hosts[0]}"))
 
 
 @pytest.fixture

@@ -257,6 +257,8 @@ def _download(url: str, sha256: str, dest: Path, *, progress: bool, retries: int
             os.fsync(f.fileno())
         os.replace(part.path, dest)
         _fsync_dir(dest.parent)
+        # one line per fill, in the filling rank's log: says which rank of which node prepared the cache
+        log.info(f"cached {url} as {dest} ({part.size} bytes, {'verified' if sha256 else 'unverified'})")
     except BaseException:
         part.path.unlink(missing_ok=True)
         raise
