@@ -7,9 +7,10 @@ directory exclusively, so two runs started in the same second never share a dire
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
+
+from harness import atomic
 
 
 def timestamp() -> str:
@@ -37,7 +38,6 @@ def ensure(root: Path, run_id: str) -> Path:
     return path
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_config(run_dir: Path, config_yaml: str) -> None:
+    """The resolved config.yaml, replaced atomically (a rerun of the same run id rewrites it)."""
+    atomic.write_text(run_dir / "config.yaml", config_yaml)
