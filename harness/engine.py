@@ -209,7 +209,12 @@ class Loop:
 
     def resume(self) -> None:
         path = self.checkpointer.restore(self.t.resume)
-        self.pending_rng = self.rng.pending  # restored once the epoch's iterator exists
+        # The uninterrupted run had drawn this epoch's DataLoader seed from the generators before a
+        # mid-epoch save, and not yet before a save between epochs: restore them on the same side of it
+        if self.rng.pending is not None and self.step_in_epoch == 0:
+            checkpoint.set_rng_state(self.rng.pending)
+        else:
+            self.pending_rng = self.rng.pending  # train_epoch restores it once the iterator exists
         self.result.steps = self.global_step
         if self.rank == 0 and self.run_dir is not None:
             preempt.clear_marker(self.run_dir)

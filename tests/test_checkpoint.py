@@ -37,7 +37,8 @@ class Crash(RuntimeError):
     pass
 
 
-def _fit(run_dir: Path, trainer: TrainerConfig, *, crash_at: int = 0, metric=None) -> tuple[MLP, harness.FitResult]:
+def _fit(run_dir: Path, trainer: TrainerConfig, *, crash_at: int = 0, metric=None,
+         dropout: float = 0.0) -> tuple[MLP, harness.FitResult]:
     """MLP on the digits in this process; `crash_at`: the training step that raises Crash."""
     calls = {"n": 0}
 
@@ -48,7 +49,7 @@ def _fit(run_dir: Path, trainer: TrainerConfig, *, crash_at: int = 0, metric=Non
         return torch.nn.functional.cross_entropy(out, y)
 
     torch.manual_seed(0)
-    model = MLP()
+    model = MLP(dropout=dropout)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     result = fit(model=model, optimizer=opt, loss_fn=loss, metric=metric or harness.Accuracy(),
                  train_set=Digits(ASSET, "train"), val_set=Digits(ASSET, "val"), batch=harness.plan_batch(64, 1),
@@ -296,6 +297,21 @@ def test_a_version_1_run_directory_resumes(tmp_path: Path, reference: MLP) -> No
     resumed, result = _fit(tmp_path, BASE)
     assert result.epochs == 3 and _epochs(tmp_path) == [1, 2, 3] and _max_diff(resumed, reference) == 0.0
     assert sorted(os.listdir(ck / "superseded")) == ["last.pt"]  # the new entries supersede it
+
+
+def test_with_dropout_only_the_restored_rng_makes_a_resume_exact(tmp_path: Path) -> None:
+    reference, _ = _fit(tmp_path / "ref", BASE, dropout=0.3)
+    with pytest.raises(Crash):
+        _fit(tmp_path / "run", BASE, crash_at=30, dropout=0.3)
+    shutil.copytree(tmp_path / "run", tmp_path / "no-rng")
+    resumed, _ = _fit(tmp_path / "run", BASE, dropout=0.3)
+    assert _max_diff(resumed, reference) == 0.0
+    entry = tmp_path / "no-rng" / "checkpoints" / entry_name(22) / "state.pt"
+    state = checkpoint.read(entry)
+    del state["rng"]  # the control: the same checkpoint without the generators
+    fmt.write(state, entry)
+    unseeded, _ = _fit(tmp_path / "no-rng", BASE, dropout=0.3)
+    assert _max_diff(unseeded, reference) > 1e-3  # other dropout masks: the test above has teeth
 
 
 def test_early_stopping_state_survives_a_resume(tmp_path: Path) -> None:
