@@ -122,7 +122,7 @@ def test_version_1_files_are_migrated(tmp_path: Path) -> None:
     assert state["progress"] == {"epoch": 1, "step_in_epoch": 5, "step": 27, "epoch_loss": 3.5, "best": 0.8}
     assert state["early_stopping"] == {"best_fitness": 0.8, "best_epoch": 1} and "ema" not in state
     assert state["rng"]["world_size"] == 1 and len(state["rng"]["ranks"]) == 1
-    assert state["meta"]["migrated_from"] == checkpoint.LEGACY_FORMAT
+    assert state["meta"]["written_as"] == checkpoint.LEGACY_FORMAT
 
 
 def test_commit_points_prunes_and_keeps_best(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ A checkpoint is one dict that `torch.load(weights_only=True)` reads (tensors, nu
 lists and dicts of them; the config is YAML text), so loading never unpickles arbitrary objects:
 
     format          "harness-checkpoint-2"
-    meta            {"world_size", "metrics" (the last epoch's row), "config" (YAML), "torch"}
+    meta            {"world_size", "metrics" (the last epoch's row), "config" (YAML), "torch",
+                     "written_as": the format the file was written in (a migrated file says so)}
     model ... rng   one entry per part (PARTS), each what that part's `state_dict()` returned
 
 The parts own their contents (`Stateful`: `state_dict` / `load_state_dict`); this module owns which
@@ -50,7 +51,8 @@ def pack(parts: dict[str, dict[str, Any]], *, world_size: int, metrics: dict[str
     missing = [name for name in REQUIRED if name not in parts]
     if unknown or missing:
         raise ValueError(f"checkpoint parts: unknown {unknown}, missing {missing}; the parts are {', '.join(PARTS)}")
-    meta = {"world_size": world_size, "metrics": dict(metrics), "config": config, "torch": str(torch.__version__)}
+    meta = {"world_size": world_size, "metrics": dict(metrics), "config": config, "torch": str(torch.__version__),
+            "written_as": FORMAT}
     return {"format": FORMAT, "meta": meta, **parts}
 
 
@@ -105,7 +107,7 @@ def migrate_v1(old: dict[str, Any]) -> dict[str, Any]:
     new: dict[str, Any] = {
         "format": FORMAT,
         "meta": {"world_size": old["world_size"], "metrics": old["metrics"], "config": old["config"],
-                 "torch": "", "migrated_from": LEGACY_FORMAT},
+                 "torch": "", "written_as": LEGACY_FORMAT},
         "model": old["model"], "optimizer": old["optimizer"], "scheduler": old["scheduler"], "scaler": old["scaler"],
         "progress": {"epoch": old["epoch"], "step_in_epoch": old["step_in_epoch"], "step": old["step"],
                      "epoch_loss": old["epoch_loss"], "best": old["best"]},

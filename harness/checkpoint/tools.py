@@ -35,7 +35,7 @@ def _describe(path: Path) -> dict[str, Any]:
     except CheckpointError as exc:
         return {**row, "valid": False, "error": str(exc)}
     progress, meta = state["progress"], state["meta"]
-    return {**row, "valid": True, "format": meta.get("migrated_from", fmt.FORMAT), "epoch": progress["epoch"],
+    return {**row, "valid": True, "format": meta["written_as"], "epoch": progress["epoch"],
             "step": progress["step"], "step_in_epoch": progress["step_in_epoch"], "world_size": meta["world_size"],
             "metrics": meta["metrics"], "parts": [name for name in fmt.PARTS if name in state]}
 
