@@ -49,9 +49,10 @@ def publish(tmp: Path, path: Path) -> None:
 
 
 @contextmanager
-def open_atomic(path: Path, mode: str = "wb", **kwargs: Any) -> Iterator[IO[Any]]:
+def open_atomic(path: Path, mode: str = "wb", *, sync_dir: bool = True, **kwargs: Any) -> Iterator[IO[Any]]:
     """`with open_atomic(p, "w") as f: ...`: `p` gets what was written when the block ends without
-    an exception; otherwise `p` is untouched and the temporary is gone."""
+    an exception; otherwise `p` is untouched and the temporary is gone. `sync_dir=False` leaves the
+    directory's fsync to a caller that renames more in it and syncs once, after the last rename."""
     if mode not in ("w", "wb"):
         raise ValueError(f"open_atomic mode={mode!r}: only 'w' and 'wb' replace a file")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,13 +64,14 @@ def open_atomic(path: Path, mode: str = "wb", **kwargs: Any) -> Iterator[IO[Any]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        if sync_dir:
+            fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def write_text(path: Path, text: str) -> None:
-    with open_atomic(path, "w", encoding="utf-8") as f:
+def write_text(path: Path, text: str, *, sync_dir: bool = True) -> None:
+    with open_atomic(path, "w", sync_dir=sync_dir, encoding="utf-8") as f:
         f.write(text)
 
 

@@ -147,6 +147,15 @@ def test_a_failed_save_keeps_the_previous_and_a_same_step_save_replaces(tmp_path
     assert checkpoint.load(tmp_path)["model"]["w"][0] == 2.0 and len(store.entries()) == 1
 
 
+def test_a_pointer_to_a_lost_entry_falls_back_to_the_newest_there_is(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for step in (10, 20):
+        _commit(store, step)
+    (tmp_path / "latest").write_text(entry_name(30) + "\n")  # a crash kept the pointer's rename, not the entry's
+    assert store.candidates()[0] == tmp_path / entry_name(20) / "state.pt"
+    assert checkpoint.load(tmp_path)["progress"]["step"] == 20
+
+
 def test_set_aside_keeps_one_line_of_saves(tmp_path: Path) -> None:
     store = Store(tmp_path)
     for step in (10, 20, 30):

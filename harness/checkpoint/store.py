@@ -8,11 +8,12 @@
       last.pt, best.pt          harness-checkpoint-1 files of older runs: read, never written
 
 A save fills `.step-N.partial/`, renames it to `step-N/` (so an entry exists only whole), then
-replaces `latest` (and `best`): a crash at any point leaves the previous entry and a pointer to a
-whole one. Only then are older entries pruned, down to the `keep` newest plus `best`. An entry is a
-directory so that a sharded writer (FSDP through torch.distributed.checkpoint, one file per rank)
-fills the same partial directory from every rank and rank 0 commits it after a barrier: the
-pointers, the pruning and the fallback stay as they are. Pure file handling: no torch.
+replaces `latest` (and `best`): a crash at any point leaves the previous entry, and a pointer that
+names a whole entry or none (resume then takes the newest entry there is). Only then are older
+entries pruned, down to the `keep` newest plus `best`. An entry is a directory so that a sharded
+writer (FSDP through torch.distributed.checkpoint, one file per rank) fills the same partial
+directory from every rank and rank 0 commits it after a barrier: the pointers, the pruning and the
+fallback stay as they are. Pure file handling: no torch.
 """
 
 from __future__ import annotations
@@ -98,10 +99,12 @@ class Store:
             replaced = self.root / f".{name}.replaced"
             os.replace(final, replaced)
         os.replace(partial, final)
-        atomic.fsync_dir(self.root)
-        atomic.write_text(self.root / LATEST, name + "\n")
+        # one directory fsync for the entry's rename and the pointers': should a crash keep a pointer's
+        # rename but not the entry's, the pointer names no entry and resume takes the newest there is
+        atomic.write_text(self.root / LATEST, name + "\n", sync_dir=False)
         if best:
-            atomic.write_text(self.root / BEST, name + "\n")
+            atomic.write_text(self.root / BEST, name + "\n", sync_dir=False)
+        atomic.fsync_dir(self.root)
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
         for legacy in LEGACY_FILES:  # an older run's files: the new entries supersede them
