@@ -164,6 +164,9 @@ def test_set_aside_keeps_one_line_of_saves(tmp_path: Path) -> None:
     assert [e.name for e in store.entries()] == [entry_name(10)] and store.pointed("best") is None
     assert store.pointed("latest") == tmp_path / entry_name(10)
     assert sorted(os.listdir(tmp_path / "superseded")) == [entry_name(20), entry_name(30)]
+    (tmp_path / "last.pt").write_bytes(b"a version-1 file")
+    assert store.set_aside(0, current=None) == [entry_name(10), "last.pt"]  # a start from scratch
+    assert store.candidates() == [] and store.pointed("latest") is None
 
 
 def test_every_way_to_name_a_checkpoint(tmp_path: Path) -> None:
@@ -306,6 +309,7 @@ def test_a_version_1_run_directory_resumes(tmp_path: Path, reference: MLP) -> No
     resumed, result = _fit(tmp_path, BASE)
     assert result.epochs == 3 and _epochs(tmp_path) == [1, 2, 3] and _max_diff(resumed, reference) == 0.0
     assert sorted(os.listdir(ck / "superseded")) == ["last.pt"]  # the new entries supersede it
+    assert checkpoint.info(ck / "superseded" / "last.pt")[0]["format"] == checkpoint.LEGACY_FORMAT
 
 
 def test_with_dropout_only_the_restored_rng_makes_a_resume_exact(tmp_path: Path) -> None:

@@ -124,8 +124,11 @@ class Store:
     def set_aside(self, after_step: int, current: Path | None) -> list[str]:
         """Move entries beyond `after_step` (the point this run continues from) to superseded/, so
         that order by step stays the order of saving; point `latest` at `current` (an entry here) or
-        at nothing. Returns the names set aside."""
+        at nothing. A start from scratch (`after_step` 0) sets aside version-1 files too. Returns the
+        names set aside."""
         moved = [e for e in self.entries() if step_of(e) > after_step]
+        if after_step == 0:
+            moved += [self.root / f for f in LEGACY_FILES if (self.root / f).is_file()]
         for entry in moved:
             self._set_aside(entry)
         for pointer in (LATEST, BEST):
