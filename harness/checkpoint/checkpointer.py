@@ -72,8 +72,8 @@ class Checkpointer:
             try:
                 path, state = self._choose(resume)
                 choice[0] = str(path) if path is not None else None
-            except CheckpointError as exc:
-                choice[1] = str(exc)
+            except (CheckpointError, OSError) as exc:  # every rank must hear of it, or they wait forever
+                choice[1] = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
         if self.world_size > 1:
             dist.broadcast_object_list(choice, src=0)
         if choice[1] is not None:
@@ -110,7 +110,7 @@ class Checkpointer:
         for name, part in self.parts.items():
             if name not in state:
                 if self.rank == 0:
-                    self.log.warning(f"checkpoint {path} has no {name} state: it starts fresh")
+                    self.log.warning(f"checkpoint {path} has no {name} state: this run's keeps its initial state")
                 continue
             try:
                 part.load_state_dict(state[name])
