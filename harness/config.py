@@ -78,9 +78,7 @@ class TrainerConfig:
     channels_last: bool = False  # NHWC memory format for 4-D inputs and the model
     compile: bool = False  # torch.compile the model
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager compiles fast, for tests)
-    # auto: the run directory's newest valid checkpoint, if any | never: start over | a path: a run
-    # directory, its checkpoints/, a step-N entry, a `latest`/`best` pointer or a checkpoint file
-    resume: str = "auto"
+    resume: str = "auto"  # auto (the run's newest valid checkpoint) | never | a run dir, step-N entry or file
     save_every_steps: int = 0  # also save every N optimizer steps; 0 = once per epoch
     keep_checkpoints: int = 2  # checkpoints/step-N entries kept: the newest N, plus the best
     preempt_signal: str = "SIGUSR2"  # preemption: save at a step boundary, mark PREEMPTED, exit 0
