@@ -228,8 +228,16 @@ def execute(side: str, spec: Spec, workdir: Path, timeout_s: float = 300.0, root
     if spec.check_sync and not all(r["sync_modes"].get("error") for r in ranks):
         raise RunFailed(f"{side}: --check-sync, but no step ran under sync-debug 'error': "
                         f"{[r['sync_modes'] for r in ranks]}\n{tail}")
-    ckpt = save if side == "reference" else next(run_root.glob("*/checkpoints/last.pt"), None)
+    ckpt = save if side == "reference" else _newest_checkpoint(run_root)
     return Run(side, spec, cmd, start, end, ranks, str(ckpt) if ckpt and Path(ckpt).is_file() else None)
+
+
+def _newest_checkpoint(run_root: Path) -> str | None:
+    """The state file of the harness run's newest checkpoint (its model is under "model")."""
+    from harness.checkpoint import resolve
+
+    files = [f for run_dir in run_root.iterdir() if run_dir.is_dir() for f in resolve(run_dir)]
+    return str(files[0]) if files else None
 
 
 def same_weights(a: str | None, b: str | None) -> float | None:

@@ -79,15 +79,16 @@ class TrainerConfig:
     channels_last: bool = False  # NHWC memory format for 4-D inputs and the model
     compile: bool = False  # torch.compile the model
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager compiles fast, for tests)
-    resume: str = "auto"  # auto (the run directory's last.pt if present) | never | a checkpoint path
-    save_every_steps: int = 0  # also write last.pt every N optimizer steps; 0 = once per epoch
+    resume: str = "auto"  # auto (the run's newest valid checkpoint) | never | a run dir, step-N entry or file
+    save_every_steps: int = 0  # also save every N optimizer steps; 0 = once per epoch
+    keep_checkpoints: int = 2  # checkpoints/step-N entries kept: the newest N, plus the best
     preempt_signal: str = "SIGUSR2"  # preemption: save at a step boundary, mark PREEMPTED, exit 0
     check_every: int = 10  # steps between the ranks' agreement on a signal (a pipelined CPU all-reduce)
     progress: bool = True  # tqdm bar on rank 0 (never when stderr is not a terminal)
     logger: str = "csv"  # csv (metrics.csv, always) | tensorboard (also <run>/tensorboard)
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "accumulate", "log_every", "check_every"):
+        for key in ("epochs", "accumulate", "log_every", "check_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"trainer.{key}={getattr(self, key)} must be >= 1")
         for key in ("warmup_steps", "patience", "save_every_steps"):

@@ -2,9 +2,10 @@
 
 Owns: wrapping (SyncBN, channels_last, DDP only when world size > 1, torch.compile), the step loop
 (AMP, accumulation with `no_sync` on the non-final micro-steps, clipping, the lr schedule, EMA),
-exact evaluation over ranks, early stopping, the per-epoch metrics row, checkpoints (every epoch and
-every `save_every_steps`) and exact resume, and stopping at a step boundary on preemption. It knows
-nothing of Hydra or of how the process was started.
+exact evaluation over ranks, early stopping, the per-epoch metrics row, when to save (every epoch and
+every `save_every_steps`) and which parts a checkpoint holds, and stopping at a step boundary on
+preemption. What a checkpoint looks like, where it goes and how resume picks one is harness.checkpoint's.
+It knows nothing of Hydra or of how the process was started.
 
 No host-device sync in the step loop except at `trainer.log_every` steps (fp16's GradScaler is the
 documented exception): losses accumulate on the device. The signal check every `check_every` steps
@@ -115,6 +116,23 @@ def check_trainer(trainer: TrainerConfig, device: torch.device) -> None:
         raise ConfigError("trainer.sync_bn=true needs CUDA (SyncBatchNorm has no CPU kernel); set it to false")
 
 
+class _Progress:
+    """The loop's counters as the checkpoint's `progress` part (its keys: checkpoint.format.PROGRESS_KEYS)."""
+
+    def __init__(self, loop: Loop) -> None:
+        self.loop = loop
+
+    def state_dict(self) -> dict[str, Any]:
+        lp = self.loop
+        return {"epoch": lp.epoch, "step_in_epoch": lp.step_in_epoch, "step": lp.global_step,
+                "epoch_loss": lp.epoch_loss, "best": lp.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        lp = self.loop
+        lp.epoch, lp.step_in_epoch, lp.global_step = state["epoch"], state["step_in_epoch"], state["step"]
+        lp.epoch_loss, lp.best = state["epoch_loss"], state["best"]
+
+
 class Loop:
     """One fit: holds the wrapped model, optimizer, schedule, scaler, EMA, samplers and counters."""
 
@@ -168,75 +186,46 @@ class Loop:
         self.result = FitResult()
         self.pending_rng: dict[str, Any] | None = None
         self.progress = watchdog.progress()  # where this rank is, for the liveness watchdog: set, never read
+        self.rng = checkpoint.RankStreams(self.rank, self.world)
+        self.checkpointer = self._checkpointer()
         self.log.info(f"data: {len(train_set)} train / {len(val_set)} val samples; {batch.describe()}; "
                       f"{self.steps_per_epoch} steps per epoch")
 
     # ---------------------------------------------------------------- checkpoints
-    def state(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None,
-            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.global_step,
-            "epoch_loss": self.epoch_loss, "best": self.best, "world_size": self.world,
-            "early_stopping": {"best_fitness": self.stopper.best_fitness, "best_epoch": self.stopper.best_epoch}
-            if self.stopper else None,
-            "config": self.config_yaml, "metrics": self.result.last,
-        }
+    def _checkpointer(self) -> checkpoint.Checkpointer:
+        """The parts this run saves and restores, each with its own state_dict / load_state_dict."""
+        parts: dict[str, checkpoint.Stateful] = {
+            "model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler,
+            "sampler": self.sampler, "progress": _Progress(self), "rng": self.rng}
+        if self.ema:
+            parts["ema"] = self.ema
+        if self.stopper:
+            parts["early_stopping"] = self.stopper
+        directory = self.run_dir / "checkpoints" if self.run_dir is not None else None
+        return checkpoint.Checkpointer(parts, directory=directory, rank=self.rank, world_size=self.world,
+                                       keep=self.t.keep_checkpoints, config=self.config_yaml, device=self.device)
 
-    def save(self, *names: str) -> None:
+    def save(self, best: bool = False) -> None:
         """Every rank calls this (RNG states are gathered); rank 0 writes. Never inside a micro-step."""
         self.progress.phase = SAVE
-        rng = checkpoint.rng_state()
-        states = [rng] * self.world
-        if self.world > 1:
-            states = [None] * self.world  # type: ignore[list-item]
-            dist.all_gather_object(states, rng)
-        if self.rank == 0 and self.run_dir is not None:
-            state = {**self.state(), "rng": states}
-            for name in names or ("last.pt",):
-                checkpoint.save(state, self.run_dir / "checkpoints" / name)
+        self.checkpointer.save(best=best, metrics=self.result.last)
 
     def resume(self) -> None:
-        path = self._resume_path()
-        if path is None:
-            return
-        s = checkpoint.load(path, map_location=self.device)
-        self.model.load_state_dict(s["model"])
-        self.optimizer.load_state_dict(s["optimizer"])
-        self.scheduler.load_state_dict(s["scheduler"])
-        self.scaler.load_state_dict(s["scaler"])
-        if self.ema and s["ema"]:
-            self.ema.load_state_dict(s["ema"])
-        if self.stopper and s["early_stopping"]:
-            self.stopper.best_fitness = s["early_stopping"]["best_fitness"]
-            self.stopper.best_epoch = s["early_stopping"]["best_epoch"]
-        self.epoch, self.step_in_epoch, self.global_step = s["epoch"], s["step_in_epoch"], s["step"]
-        self.epoch_loss, self.best = s["epoch_loss"], s["best"]
-        self.result.steps = self.progress.step = self.global_step
-        if s["world_size"] == self.world:
-            self.pending_rng = s["rng"][self.rank]  # restored once the epoch's iterator exists
+        path = self.checkpointer.restore(self.t.resume)
+        # The uninterrupted run had drawn this epoch's DataLoader seed from the generators before a
+        # mid-epoch save, and not yet before a save between epochs: restore them on the same side of it
+        if self.rng.pending is not None and self.step_in_epoch == 0:
+            checkpoint.set_rng_state(self.rng.pending)
         else:
-            self.log.warning(f"resuming on {self.world} ranks from a checkpoint of {s['world_size']}: "
-                             "random streams restart from the seed, so the run is not bit-exact")
+            self.pending_rng = self.rng.pending  # train_epoch restores it once the iterator exists
+        self.result.steps = self.progress.step = self.global_step
         if self.rank == 0 and self.run_dir is not None:
             preempt.clear_marker(self.run_dir)
             if self.metrics is not None:
-                self.metrics.truncate(after_epoch=self.epoch)
-        self.log.info(f"resumed from {path} at epoch {self.epoch + 1} step {self.global_step} "
-                      f"({self.step_in_epoch}/{self.steps_per_epoch} of the epoch done)")
-
-    def _resume_path(self) -> Path | None:
-        mode = self.t.resume
-        if mode == "never":
-            return None
-        if mode == "auto":
-            last = self.run_dir / "checkpoints" / "last.pt" if self.run_dir is not None else None
-            return last if last is not None and last.is_file() else None
-        path = Path(mode).expanduser()
-        if not path.is_file():
-            raise checkpoint.CheckpointError(f"trainer.resume={mode!r}: no such checkpoint file")
-        return path
+                self.metrics.truncate(after_epoch=self.epoch)  # this run writes the epochs after it
+        if path is not None:
+            self.log.info(f"resumed from {path} at epoch {self.epoch + 1} step {self.global_step} "
+                          f"({self.step_in_epoch}/{self.steps_per_epoch} of the epoch done)")
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> FitResult:
@@ -381,7 +370,7 @@ class Loop:
                 if key not in ("epoch", "step"):
                     self.board.add_scalar(key, value, global_step=row["epoch"])
             self.board.flush()
-        self.save(*(("last.pt", "best.pt") if improved else ("last.pt",)))
+        self.save(best=improved)
         return stop
 
 

@@ -35,7 +35,7 @@ def run_job(cfg: DictConfig, *, run_id: str | None = None) -> engine.FitResult:
         batch = plan_batch(c.data.batch_size, s.world_size, c.trainer.accumulate)
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         if s.is_master:
-            rundir.write_text_atomic(s.run_dir / "config.yaml", config_yaml)
+            rundir.write_config(s.run_dir, config_yaml)
         with zero_first("data"):
             path = fetch_configured(c.data, progress=s.env.local_rank == 0)
         if path is not None:

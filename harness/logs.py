@@ -14,6 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
+from harness import atomic
+
 LOGGER = "harness"
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -65,34 +67,40 @@ def close() -> None:
 
 
 class MetricsWriter:
-    """Appends one row per epoch to metrics.csv; the header comes from the first row's keys."""
+    """One row per epoch in metrics.csv; the header comes from the first row's keys.
+
+    Each write replaces the whole file atomically (it is small: one row per epoch), so a crash never
+    leaves half a row, and a resumed run that truncates it never loses the rows it keeps.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fields: list[str] | None = None
+        self.rows: list[dict[str, object]] = []
         if path.is_file() and path.stat().st_size:
             with open(path, newline="") as f:
-                self.fields = next(csv.reader(f), None)
+                reader = csv.DictReader(f)
+                self.rows = list(reader)
+                self.fields = list(reader.fieldnames) if reader.fieldnames else None
 
     def truncate(self, after_epoch: int) -> None:
         """Drop rows of epochs after `after_epoch` (a resumed run redoes them)."""
         if self.fields is None:
             return
-        with open(self.path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= after_epoch]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(self.path)
+        kept = [r for r in self.rows if int(str(r["epoch"])) <= after_epoch]
+        if len(kept) != len(self.rows):
+            self.rows = kept
+            self._flush()
 
     def write(self, row: dict[str, float | int | str]) -> None:
-        new = self.fields is None
         if self.fields is None:
             self.fields = list(row)
-        with open(self.path, "a", newline="") as f:
+        self.rows.append(dict(row))
+        self._flush()
+
+    def _flush(self) -> None:
+        assert self.fields is not None
+        with atomic.open_atomic(self.path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+            writer.writeheader()
+            writer.writerows(self.rows)

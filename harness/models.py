@@ -30,13 +30,16 @@ class SmallCNN(nn.Module):
 
 
 class MLP(nn.Module):
-    """Flatten -> Linear -> ReLU -> Linear: the tiny model the overhead benchmark uses."""
+    """Flatten -> Linear -> ReLU (-> Dropout) -> Linear: the tiny model the overhead benchmark uses.
 
-    def __init__(self, in_features: int = 64, hidden: int = 128, num_classes: int = 10) -> None:
+    `dropout` > 0 makes training draw random numbers (the resume tests prove the RNG is restored);
+    it shares the ReLU's slot, so the parameter names are the same with and without it.
+    """
+
+    def __init__(self, in_features: int = 64, hidden: int = 128, num_classes: int = 10, dropout: float = 0.0) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
-        )
+        act: nn.Module = nn.Sequential(nn.ReLU(), nn.Dropout(dropout)) if dropout else nn.ReLU()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), act, nn.Linear(hidden, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -12,12 +12,13 @@ writes `.shared-<nonce>` there, every rank looks for it, and all refuse together
 
 from __future__ import annotations
 
-import os
 import secrets
 import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from harness import atomic
 
 MARK_PREFIX = ".shared-"  # <run>/.shared-<nonce>: rank 0's mark, new each start (a new name: no stale cache)
 MARK_WAIT_S = 1.0  # how long a rank looks for the mark (a file system that shows new files late)
@@ -54,10 +55,9 @@ def ensure(root: Path, run_id: str) -> Path:
     return path
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_config(run_dir: Path, config_yaml: str) -> None:
+    """The resolved config.yaml, replaced atomically (a rerun of the same run id rewrites it)."""
+    atomic.write_text(run_dir / "config.yaml", config_yaml)
 
 
 def mark_shared(run_dir: Path, nonce: str, host: str) -> Path:
@@ -66,7 +66,7 @@ def mark_shared(run_dir: Path, nonce: str, host: str) -> Path:
     for old in run_dir.glob(f"{MARK_PREFIX}*"):
         if old != mark:
             old.unlink(missing_ok=True)
-    write_text_atomic(mark, f"{host}\n{run_dir}\n")
+    atomic.write_text(mark, f"{host}\n{run_dir}\n")
     return mark
 
 

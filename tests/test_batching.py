@@ -20,8 +20,18 @@ def test_message_has_the_numbers_and_nearest_sizes() -> None:
         plan_batch(30, 4, 1)
     assert str(err.value) == (
         "data.batch_size=30 (the global batch) is not divisible by world size 4 x "
-        "trainer.accumulate 1 = 4; nearest valid: 28 or 32"
+        "trainer.accumulate 1 = 4; nearest valid: 28 or 32; world sizes that keep it (as resuming a run must): "
+        "1, 2, 3, 5, 6, 10, 15, 30"
     )
+
+
+def test_resume_on_a_world_size_that_does_not_divide_names_the_valid_ones() -> None:
+    with pytest.raises(BatchSizeError, match=r"world sizes that keep it .*: 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 96$"):
+        plan_batch(96, 5, 1)
+    with pytest.raises(BatchSizeError, match=r"keep it .*: 1, 2, 3, 4, 6, 8, 12, 16, 24, 48$"):
+        plan_batch(96, 5, 2)
+    with pytest.raises(BatchSizeError, match=r"no world size keeps it with trainer.accumulate 3$"):
+        plan_batch(64, 2, 3)
 
 
 def test_accumulation_counts_in_the_divisor() -> None:
@@ -30,7 +40,7 @@ def test_accumulation_counts_in_the_divisor() -> None:
 
 
 def test_batch_smaller_than_divisor_offers_only_positive_sizes() -> None:
-    with pytest.raises(BatchSizeError, match=r"nearest valid: 8$"):
+    with pytest.raises(BatchSizeError, match=r"nearest valid: 8; "):
         plan_batch(3, 8, 1)
 
 

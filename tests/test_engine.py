@@ -53,10 +53,10 @@ def test_outputs_and_checkpoint_contents(tmp_path: Path) -> None:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["epoch", "step", "train_loss", "val_loss", "val_accuracy", "val_samples", "lr",
                              "epoch_time", "samples_per_s"]
-    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
-    assert state["epoch"] == 2 and state["step"] == 44 and state["ema"]["updates"] == 44
-    assert state["scheduler"]["last_epoch"] == 44 and len(state["rng"]) == 1
-    assert (tmp_path / "checkpoints" / "best.pt").is_file()
+    state = checkpoint.load(tmp_path)
+    assert state["progress"]["epoch"] == 2 and state["progress"]["step"] == 44 and state["ema"]["updates"] == 44
+    assert state["scheduler"]["last_epoch"] == 44 and len(state["rng"]["ranks"]) == 1
+    assert (tmp_path / "checkpoints" / "best").is_file()
 
 
 def test_cosine_schedule_ends_at_min_lr(tmp_path: Path) -> None:
@@ -124,7 +124,7 @@ def test_mid_epoch_resume_is_exact(tmp_path: Path) -> None:
 
     with pytest.raises(Crash):
         _run(tmp_path / "run", trainer, model_cls=SmallCNN, loss_fn=crashing_loss)
-    saved = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    saved = checkpoint.load(tmp_path / "run")["progress"]
     assert (saved["epoch"], saved["step_in_epoch"], saved["step"]) == (1, 13, 35)
     resumed, result = _run(tmp_path / "run", trainer, model_cls=SmallCNN)  # trainer.resume=auto
     assert result.epochs == 3 and result.steps == 66

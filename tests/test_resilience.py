@@ -43,7 +43,7 @@ def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"]
+    return checkpoint.load(run_dir)["model"]
 
 
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -66,13 +66,14 @@ def test_preempted_run_requeues_and_ends_with_the_same_weights(tmp_path: Path, u
     rc, out = finish(proc)
     assert rc == 3, out  # preempted: the documented exit code that asks for a requeue
     assert (run_dir / "PREEMPTED").is_file()
-    saved = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    saved = checkpoint.load(run_dir)["progress"]
     assert 0 < saved["step"] < 66 and saved["step"] % 2 == 0  # at an agreed step boundary
     assert_no_process_left(str(tmp_path))
 
     rc, out = finish(start(tmp_path, "job"))  # the requeued job: same run id, resume=auto
     assert rc == 0, out
-    assert f"resumed from {run_dir}/checkpoints/last.pt" in (run_dir / "train.log").read_text()
+    entry = run_dir / "checkpoints" / f"step-{saved['step']:08d}" / "state.pt"
+    assert f"resumed from {entry}" in (run_dir / "train.log").read_text()
     assert not (run_dir / "PREEMPTED").exists()
     assert [int(r["epoch"]) for r in metrics(run_dir)] == [1, 2, 3]
     assert max_abs_diff(weights(run_dir), weights(uninterrupted)) <= 1e-6
@@ -106,5 +107,5 @@ def test_sigterm_saves_and_does_not_ask_for_requeue(tmp_path: Path) -> None:
     rc, out = finish(proc)
     assert rc == 143, out
     assert not (run_dir / "PREEMPTED").exists()
-    assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["step"] >= 5
+    assert checkpoint.load(run_dir)["progress"]["step"] >= 5
     assert "terminated: saved" in out and "not requeued" in out

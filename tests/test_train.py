@@ -28,14 +28,14 @@ def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[s
 
 
 def assert_rank0_files(run_dir: Path, epochs: int) -> None:
-    for name in ("config.yaml", "train.log", "metrics.csv", "checkpoints/last.pt", "checkpoints/best.pt"):
+    for name in ("config.yaml", "train.log", "metrics.csv", "checkpoints/latest", "checkpoints/best"):
         assert (run_dir / name).is_file(), name
     config = (run_dir / "config.yaml").read_text()
     assert "${" not in config and "harness.data.datasets.Digits" in config  # fully resolved
     rows = metrics(run_dir)
     assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
     assert all(int(r["val_samples"]) == 359 for r in rows)  # every val sample exactly once
-    assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["epoch"] == epochs
+    assert checkpoint.load(run_dir)["progress"]["epoch"] == epochs
 
 
 def test_default_job_in_process(tmp_path: Path, cache_dir: Path) -> None:
@@ -72,8 +72,8 @@ def test_launcher_starts_two_gloo_workers(tmp_path: Path, cache_dir: Path) -> No
     # each rank trained on its own shard of the same global batches: the weights equal a 1-process run's
     single = run(harness_cmd("trainer.epochs=2", "model=mlp", f"run_root={tmp_path}/one"), tmp_path)
     assert single.returncode == 0, single.stderr
-    a = checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"]
-    b = checkpoint.load(only_run_dir(tmp_path / "one") / "checkpoints" / "last.pt")["model"]
+    a = checkpoint.load(run_dir)["model"]
+    b = checkpoint.load(only_run_dir(tmp_path / "one"))["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 

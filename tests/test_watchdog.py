@@ -74,7 +74,7 @@ def srun_ranks(tmp: Path, run_id: str, *overrides: str) -> list[Proc]:
 def rank_pid(run_dir: Path, rank: int, after: float = 0.0) -> int:
     """The pid rank `rank` logged at its start (the newest start, for a restarted rank)."""
     text = (run_dir / "logs" / f"rank{rank}.log").read_text()
-    return int(re.findall(rf"rank {rank}/\d+ \(local \d+, pid (\d+)\)", text)[-1])
+    return int(re.findall(rf"rank {rank}/\d+ \(local \d+, host \S+, pid (\d+)\)", text)[-1])
 
 
 def wait_for(predicate, what: str, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]

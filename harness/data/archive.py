@@ -18,6 +18,8 @@ import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from harness import atomic
+
 SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar", ".zip")
 
 
@@ -144,6 +146,7 @@ def extract(archive: Path, target: Path) -> Path:
             raise ArchiveError(f"{archive.name}: not an archive we extract ({', '.join(SUFFIXES)})")
         _check_result(tmp)
         os.replace(tmp, target)
+        atomic.fsync_dir(target.parent)  # the rename itself survives a crash
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ArchiveError(f"{archive.name}: {exc}") from exc

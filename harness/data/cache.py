@@ -1,7 +1,8 @@
 """Dataset sources -> whole, verified files (or extracted directories) in a cache directory.
 
-Owns: the cache layout, the atomic write (a `.part` file in the entry's directory, fsync, verify,
-rename: an entry is whole or absent, also after a crash), the download (http/https with retries and
+Owns: the cache layout, the atomic write (a `.part` file in the entry's directory, verified, then
+published by `harness.atomic`: fsync, rename, fsync the directory; an entry is whole or absent, also
+after a crash), the download (http/https with retries and
 backoff on 5xx and dropped connections, resume with HTTP Range), the file lock that makes two jobs on
 one machine download once, the offline rule, and the rule that a cache hit reads, hashes and
 requests nothing (unless `verify="full"`). Callers run `fetch` inside `zero_first`, so one process
@@ -35,6 +36,7 @@ from urllib.parse import unquote, urljoin, urlparse
 from filelock import FileLock
 from tqdm import tqdm
 
+from harness import atomic
 from harness.config import DataConfig
 from harness.data import archive
 
@@ -85,14 +87,6 @@ def _local_path(url: str) -> Path:
     if parsed.netloc not in ("", "localhost"):
         raise SourceError(f"data.url={url!r}: file:// URLs take no host; write file:///abs/path")
     return Path(unquote(parsed.path))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fetch(
@@ -253,10 +247,7 @@ def _download(url: str, sha256: str, dest: Path, *, progress: bool, retries: int
         if not sha256:
             log.warning(f"{url} was not verified (allow_unverified); its sha256 is {actual}: pin it with "
                         f"data.sha256={actual}")
-        with open(part.path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(part.path, dest)
-        _fsync_dir(dest.parent)
+        atomic.publish(part.path, dest)
         # one line per fill, in the filling rank's log: says which rank of which node prepared the cache
         log.info(f"cached {url} as {dest} ({part.size} bytes, {'verified' if sha256 else 'unverified'})")
     except BaseException:

@@ -6,6 +6,12 @@ batches are therefore the same for any world size, every rank runs the same numb
 sampler started at `start_step` continues an epoch exactly where a checkpoint left it. The tail that
 does not fill a global batch is dropped (a different tail each epoch).
 
+Checkpoints: the position (epoch, global batches of it already taken) is the loop's progress, since
+only the loop knows which batches were consumed (a DataLoader draws ahead). The sampler's own state
+says which sequence that position is in (dataset size, global batch, seed, shuffle): the same on any
+world size, and `load_state_dict` refuses a checkpoint from another sequence instead of continuing
+with samples the run never meant.
+
 Evaluation: `ShardSampler` gives rank r the indices r, r + world, ... with no padding, so summed
 metrics count every sample exactly once.
 """
@@ -39,6 +45,15 @@ class GlobalBatchSampler(Sampler[list[int]]):
     @property
     def steps_per_epoch(self) -> int:
         return self.n // self.global_batch
+
+    def state_dict(self) -> dict[str, int | bool]:
+        return {"samples": self.n, "global_batch": self.global_batch, "seed": self.seed, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict[str, int | bool]) -> None:
+        changed = [f"{key} {state[key]} -> {value}" for key, value in self.state_dict().items() if state[key] != value]
+        if changed:
+            raise ValueError(f"the sequence of global batches changed ({', '.join(changed)}): the saved position "
+                             f"would mean other samples; resume with the saved data.batch_size, dataset and seed")
 
     def __iter__(self) -> Iterator[list[int]]:
         if self.shuffle:

@@ -37,6 +37,13 @@ class EarlyStopping:
                 f"To change patience pass EarlyStopping(patience=N), e.g. patience=300, or 0 to disable.")
         return stop
 
+    def state_dict(self) -> dict[str, float | int]:
+        """For checkpoints: the best so far (`possible_stop` is recomputed by every call)."""
+        return {"best_fitness": self.best_fitness, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict[str, float | int]) -> None:
+        self.best_fitness, self.best_epoch = float(state["best_fitness"]), int(state["best_epoch"])
+
     def _agree(self, stop: bool) -> bool:
         """Take rank 0's state on every rank; without a process group, keep ours."""
         if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:

@@ -32,7 +32,7 @@ def check_two_rank_run(job: Job, root: Path, mode: str, n_epochs: int) -> None:
     train_log = (run_dir / "train.log").read_text()
     assert f"({mode}, world size 2, backend gloo)" in train_log, train_log
     assert epochs(run_dir) == list(range(1, n_epochs + 1)), train_log
-    assert (run_dir / "checkpoints" / "last.pt").is_file() and not (run_dir / "PREEMPTED").exists()
+    assert (run_dir / "checkpoints" / "latest").is_file() and not (run_dir / "PREEMPTED").exists()
     d = digests(run_dir)
     assert set(d) == {0, 1} and d[0] == d[1], d
 

@@ -1,5 +1,5 @@
 """Preemption on a real Slurm controller: USR2 mid-training -> the workers save at a step boundary
-and write PREEMPTED -> the batch script requeues the job -> the requeued job resumes from last.pt and
+and write PREEMPTED -> the batch script requeues the job -> the requeued job resumes from its newest checkpoint and
 ends with the same weights as a run that was never interrupted. SIGTERM never requeues."""
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def test_usr2_requeues_and_resumes_to_the_same_weights(tmp_path: Path, cache_dir
         assert "resumed from" in (run_dir / "train.log").read_text()
         assert not (run_dir / "PREEMPTED").exists()
         assert epochs(run_dir) == list(range(1, EPOCHS + 1)), shape  # every epoch exactly once
-        assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["epoch"] == EPOCHS
+        assert checkpoint.load(run_dir)["progress"]["epoch"] == EPOCHS
         assert digests(run_dir) == expected, shape
 
 
@@ -87,6 +87,6 @@ def test_sigterm_stops_the_job_without_requeue(tmp_path: Path, cache_dir: Path) 
     assert "harness: preempted" not in job.log and "attempt 2" not in job.log, job.log
     run_dir = tmp_path / "runs" / f"slurm-{job.id}"
     assert not (run_dir / "PREEMPTED").exists()
-    assert (run_dir / "checkpoints" / "last.pt").is_file()  # saved on the way out
+    assert (run_dir / "checkpoints" / "latest").is_file()  # saved on the way out
     assert not (run_dir / "metrics.csv").exists() or len(epochs(run_dir)) < EPOCHS  # and stopped early
     assert_not_requeued(job)
