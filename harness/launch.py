@@ -22,7 +22,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from harness import watchdog
+from harness import incidents, watchdog
 from harness.devices import DevicePlan
 
 
@@ -104,11 +104,11 @@ def launch_workers(plan: DevicePlan, *, run_id: str, overrides: list[str], max_r
         try:
             elastic_launch(config, sys.executable)("-u", "-m", "harness.train", *overrides)
         except ChildFailedError as exc:
-            incidents = watchdog.read_incidents(run_dir, since=started) if run_dir is not None else []
-            lost = any(i["kind"] != "failed" for i in incidents)
-            for incident in incidents:
+            found = incidents.read(run_dir, since=started) if run_dir is not None else []
+            lost = any(i["kind"] != "failed" for i in found)
+            for incident in found:
                 print(f"error: {'' if lost else 'worker(s) failed: '}{incident['line']}", file=sys.stderr)
-            if incidents:
+            if found:
                 return watchdog.EXIT_PEER_LOST if lost else 1
             # the failing rank's traceback was printed by the worker (@record); this names the rank
             print(f"error: worker(s) failed:\n{exc.format_msg()}", file=sys.stderr)

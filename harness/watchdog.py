@@ -7,8 +7,9 @@ Owns the two threads of the liveness protocol (harness/health.py) and the action
   store's host is frozen, whatever its timeout, so "no round finished for dead_after" is how a
   rank learns that it lost the store;
 - on a verdict (`_act`), once per rank: fence a frozen peer on this host (SIGKILL, checking pid
-  and start time so no other process is hit), log ONE report, the first reporter appends it to
-  `<run dir>/incidents.jsonl`, write torchrun's error file so the agent names the cause, let the
+  and start time so no other process is hit), log ONE report, the first reporter records it
+  (harness/incidents.py: `<run dir>/incidents.jsonl`), write torchrun's error file so the agent
+  names the cause, let the
   store's host (rank 0) linger until the others have read the verdict, and leave with
   EXIT_PEER_LOST even when the main thread is blocked inside a collective (os._exit: no
   checkpoint is written on the way out).
@@ -23,14 +24,10 @@ so a gloo "connection closed" caused by a lost peer becomes that peer's one-line
 from __future__ import annotations
 
 import contextlib
-import faulthandler
-import fcntl
-import json
 import logging
 import os
 import re
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -42,7 +39,7 @@ import psutil
 import torch.distributed as dist
 
 from harness import dist as hdist
-from harness import health
+from harness import health, incidents
 from harness.config import ON_STALL
 from harness.health import Identity, Keys, Member, PeerWatch, Progress, Verdict
 
@@ -80,20 +77,6 @@ class WatchdogConfig:
     @property
     def period(self) -> float:
         return health.period_for(self.dead_after)
-
-
-def thread_stacks() -> tuple[str, str]:
-    """All threads' Python stacks (faulthandler's dump), and the main thread's alone."""
-    with tempfile.TemporaryFile("w+") as f:
-        faulthandler.dump_traceback(file=f, all_threads=True)
-        f.seek(0)
-        text = f.read()
-    main = threading.main_thread().ident
-    for block in text.split("\n\n"):
-        m = re.match(r"(?:Current thread|Thread) (0x[0-9a-f]+)", block)
-        if m and int(m.group(1), 16) == main:
-            return text, block.strip()
-    return text, ""
 
 
 def _store_address(store: Any) -> str:
@@ -209,7 +192,7 @@ class Watchdog:
     def _dump_stacks(self, asked_by: int) -> None:
         """A watcher finds us holding the others up: every thread's stack into our own log, the main
         thread's into the store, where the watcher picks it up for its report."""
-        everything, main = thread_stacks()
+        everything, main = incidents.thread_stacks()
         log.warning(f"rank {self.me.rank} is holding the others up (rank {asked_by} asked for its stacks) at "
                     f"step {self.progress.step} in {self.progress.phase}; this process's threads:\n{everything}")
         self._own.set(self.keys.stack(self.me.rank), main[: health.STACK_MAX])
@@ -256,7 +239,7 @@ class Watchdog:
         stack = f"\n  its main thread:\n{verdict.stack}" if verdict.stack else ""
         log.error(f"{verdict.line()}{stack}")
         if first:
-            self._append_incident(verdict)
+            incidents.append(self.run_dir, verdict)
 
     def _act(self, verdict: Verdict, reporter: bool, shared: bool = True) -> None:
         """Once per rank: fence, report, acknowledge, linger if we may host the store, leave."""
@@ -268,9 +251,9 @@ class Watchdog:
             self._fence_stopped(self.table[0])
         if not self.leaving:
             self._report(verdict, first=reporter and shared)
-            _write_error_file(verdict)
+            incidents.write_error_file(verdict)
         if not shared and reporter:
-            self._append_incident(verdict)
+            incidents.append(self.run_dir, verdict)
         self.verdict = verdict  # after the report: a main thread waiting for it may end the process
         if shared:
             with contextlib.suppress(Exception):
@@ -306,19 +289,6 @@ class Watchdog:
             if psutil.Process(subject["pid"]).status() == psutil.STATUS_STOPPED:
                 self._fence(subject)
 
-    def _append_incident(self, verdict: Verdict) -> None:
-        if self.run_dir is None:
-            return
-        path = self.run_dir / "incidents.jsonl"
-        with contextlib.suppress(OSError), open(path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)  # ranks that each lost the store all write: once per attempt and kind
-            if verdict.kind == "store" and path.stat().st_size:
-                for line in path.read_text().splitlines():
-                    seen = json.loads(line)
-                    if seen["attempt"] == verdict.attempt and seen["kind"] == "store":
-                        return
-            f.write(json.dumps({"line": verdict.line(), **json.loads(verdict.to_json())}) + "\n")
-
     # ------------------------------------------------------------------ the main thread's side
     def explain(self, exc: BaseException, peer_caused: bool = False) -> Verdict | None:
         """Called by the main thread's error path: the verdict that explains `exc`, if any.
@@ -347,7 +317,7 @@ class Watchdog:
         with contextlib.suppress(Exception):
             won = self.member.post_verdict(verdict)
             if won == verdict:
-                self._append_incident(verdict)
+                incidents.append(self.run_dir, verdict)
             self.verdict = won
             if self.me.rank == 0:
                 self._linger(expected=len(self.table) - 1)
@@ -441,27 +411,3 @@ def scoped(config: WatchdogConfig | None = None) -> Iterator[Watchdog]:
         yield wd
     finally:
         stop()
-
-
-def _write_error_file(verdict: Verdict) -> None:
-    """torchrun's agent prints the failed worker with the earliest error-file timestamp as the root
-    cause: date ours when the peer was lost (its last sign of life), so a fenced peer's own failure,
-    seen later, does not take the place of the reason."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path or os.path.exists(path):
-        return
-    text = f"PeerLostError: {verdict.line()}" + (f"\n{verdict.stack}" if verdict.stack else "")
-    lost_at = (verdict.time or time.time()) - verdict.seconds
-    data = {"message": {"message": f"PeerLostError: {verdict.line()}",
-                        "extraInfo": {"py_callstack": text, "timestamp": str(int(lost_at))}}}
-    with contextlib.suppress(OSError):
-        Path(path).write_text(json.dumps(data))
-
-
-def read_incidents(run_dir: Path, since: float = 0.0) -> list[dict[str, Any]]:
-    """The incidents recorded in `run_dir` at or after wall time `since`, oldest first."""
-    path = run_dir / "incidents.jsonl"
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("time", 0.0) >= since]
