@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 from pathlib import Path
 
 import torch
@@ -104,8 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     pooled: dict[str, dict[str, list[float]]] = {c: {side: [] for side in sides} for c in ("cpu", "wall")}
     round_ratios: dict[str, list[float]] = {"cpu": [], "wall": []}
     equal = 0
-    with tempfile.TemporaryDirectory(prefix="harness-inproc-") as tmp, \
-            session(device="cpu", run_root=tmp, run_id_override="inproc", liveness=None) as s:
+    # one run directory for every rank (the session checks that they share it), next to the result
+    tmp = str(Path(args.out).with_suffix(".runs"))
+    with session(device="cpu", run_root=tmp, run_id_override="inproc", liveness=None) as s:
         for i in range(args.rounds + 1):  # round 0 warms up
             ref, ref_state = reference_round(args, Path(tmp) / f"r{i}", s)
             har, har_state = harness_round(args, Path(tmp) / f"h{i}", s, watched=True)

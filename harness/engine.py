@@ -230,6 +230,7 @@ class Loop:
     # ---------------------------------------------------------------- the loop
     def run(self) -> FitResult:
         self.resume()
+        self.progress.first = self.progress.step = self.global_step  # the watchdog never calls step 1 a stall
         with preempt.SignalWatch(self.t.preempt_signal, self.t.check_every) as signals:
             while self.epoch < self.t.epochs:
                 code = self.train_epoch(signals)

@@ -44,11 +44,12 @@ def period_for(dead_after: float) -> float:
 class Progress:
     """Where this rank's main thread is: written by the loop, read by the watchdog thread."""
 
-    __slots__ = ("step", "phase")
+    __slots__ = ("step", "phase", "first")
 
     def __init__(self) -> None:
         self.step = 0
         self.phase = SETUP
+        self.first = -1  # the step this attempt's training started from (after a resume); -1 before
 
     def position(self) -> tuple[int, int] | None:
         """(step, order of the phase inside it) inside a training step; None elsewhere."""
@@ -110,7 +111,7 @@ class Keys:
 
 def encode_beat(me: Identity, progress: Progress, count: int) -> str:
     return json.dumps({"rank": me.rank, "host": me.host, "pid": me.pid, "start": me.start,
-                       "step": progress.step, "phase": progress.phase, "count": count})
+                       "step": progress.step, "phase": progress.phase, "first": progress.first, "count": count})
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,6 @@ class PeerWatch:
     count_at: float = 0.0  # when its beat count last changed
     position: tuple[int, int] | None = None
     position_at: float = 0.0  # when its training position last changed
-    first_step: int | None = None  # its step when first seen training in this attempt
     stalled: bool = False  # a stall of the current position was already reported
 
     def observe(self, record: dict[str, Any] | None, now: float) -> None:
@@ -180,8 +180,6 @@ class PeerWatch:
         position = None if order is None else (record["step"], order)
         if position != self.position:
             self.position, self.position_at, self.stalled = position, now, False
-        if position is not None and self.first_step is None:
-            self.first_step = record["step"]
         self.last = record
 
     @property
@@ -201,8 +199,8 @@ class PeerWatch:
         moved for stall_after (we wait for it; a position we saw a period ago is no proof alone)."""
         if self.stalled or self.position is None or mine is None or self.last is None:
             return False
-        if self.first_step is None or self.position[0] <= self.first_step:
-            return False  # step 0 of this attempt (compile, warm-up, first batch) is never a stall
+        if not 0 <= self.last["first"] < self.position[0]:
+            return False  # the first step of this attempt (compile, warm-up, first batch) is never a stall
         waited = min(now - self.position_at, now - mine_since)
         return self.position < mine and waited > self.stall_after
 

@@ -100,8 +100,14 @@ class Watchdog:
         host0 = table[0]
         self.store_host = (f"the elastic agent on {host0['host']}" if agent_store
                            else f"rank 0, pid {host0['pid']} on {host0['host']}")
-        self._own = store.clone()  # the one extra connection: the PG's stays free for the main thread
+        # rank 0 hosts the store (srun, or torchrun without the agent's store): when it leaves, the
+        # store goes with it, so it lingers until the others have read the verdict
+        self.hosts_store = me.rank == 0 and not agent_store
+        # the one extra connection, for the threads; the main thread's own calls (fail, stop) go through
+        # the process group's, so no connection is ever used by two threads at once
+        self._own = store.clone()
         self.member = Member(self._own, self.keys, me, peer)
+        self._main = Member(store, self.keys, me, peer)
         now = time.monotonic()
         self.watch = PeerWatch(peer, config.dead_after, config.stall_after, config.period, since=now)
         self.verdict: Verdict | None = None
@@ -247,7 +253,7 @@ class Watchdog:
             return
         if shared and verdict.kind == "dead":
             self._fence(verdict.subject)
-        elif verdict.kind == "store" and not self.store_host.startswith("the elastic agent"):
+        elif verdict.kind == "store" and not self.store_host.startswith("the elastic agent"):  # rank 0 is it
             self._fence_stopped(self.table[0])
         if not self.leaving:
             self._report(verdict, first=reporter and shared)
@@ -258,8 +264,8 @@ class Watchdog:
         if shared:
             with contextlib.suppress(Exception):
                 self._own.add(self.keys.acks, 1)
-                if self.me.rank == 0:  # may host the store: the others must read the verdict first
-                    self._linger(expected=len(self.table) - (verdict.kind in ("dead", "gone")))
+                if self.hosts_store:
+                    self._linger(self._own, expected=len(self.table) - (verdict.kind in ("dead", "gone")))
         if self._done.wait(LEAVING_S if self.leaving else GRACE_S):
             return  # the main thread finished on its own
         for h in log.handlers:
@@ -267,9 +273,9 @@ class Watchdog:
                 h.flush()
         os._exit(EXIT_PEER_LOST)
 
-    def _linger(self, expected: int) -> None:
+    def _linger(self, store: Any, expected: int) -> None:
         deadline = time.monotonic() + 2 * self.config.period + 1.0
-        while time.monotonic() < deadline and self._own.add(self.keys.acks, 0) < expected:
+        while time.monotonic() < deadline and store.add(self.keys.acks, 0) < expected:
             time.sleep(0.02)
 
     def _fence(self, subject: dict[str, Any]) -> None:
@@ -315,15 +321,18 @@ class Watchdog:
         verdict = Verdict("failed", subject, 0.0, f"{type(exc).__name__}: {text}".rstrip(": "), self.me.rank,
                           self.keys.attempt, time=time.time())
         with contextlib.suppress(Exception):
-            won = self.member.post_verdict(verdict)
+            won = self._main.post_verdict(verdict)
             if won == verdict:
                 incidents.append(self.run_dir, verdict)
             self.verdict = won
-            if self.me.rank == 0:
-                self._linger(expected=len(self.table) - 1)
+            if self.hosts_store:
+                self._linger(self._main.store, expected=len(self.table) - 1)
 
     def stop(self) -> None:
         """Stop beating (the last beat says `exited`) and let any pending action know we are done."""
+        if self.leaving and self._acted.acquire(blocking=False):
+            with contextlib.suppress(Exception):  # leaving on an error of our own: a lingering store host need not wait
+                self._main.store.add(self.keys.acks, 1)
         self._stopping.set()
         self._done.set()
         for t in self._threads:

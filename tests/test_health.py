@@ -14,8 +14,9 @@ from harness import health
 from harness.health import Identity, Keys, Member, PeerWatch, Progress, Verdict
 
 
-def beat(count: int, step: int = 0, phase: str = health.DATA, rank: int = 1) -> dict[str, Any]:
-    return {"rank": rank, "host": "h", "pid": 10 + rank, "start": 1.0, "step": step, "phase": phase, "count": count}
+def beat(count: int, step: int = 0, phase: str = health.DATA, rank: int = 1, first: int = 0) -> dict[str, Any]:
+    return {"rank": rank, "host": "h", "pid": 10 + rank, "start": 1.0, "step": step, "phase": phase, "first": first,
+            "count": count}
 
 
 def watch(dead_after: float = 5.0, stall_after: float = 10.0) -> PeerWatch:
@@ -64,8 +65,12 @@ def test_the_first_step_eval_save_and_zero_first_are_never_a_stall() -> None:
     ahead = (100, 0)
     first = watch(stall_after=1.0)
     for t in range(10):  # a 10 s first step (compile, warm-up) of an attempt resumed at step 40
-        first.observe(beat(t, step=40, phase=health.FORWARD), now=float(t))
+        first.observe(beat(t, step=40, phase=health.FORWARD, first=40), now=float(t))
     assert not first.is_stalled(10.0, ahead, 0.0)
+    before = watch(stall_after=1.0)
+    for t in range(10):  # still setting up: no training step yet
+        before.observe(beat(t, step=3, phase=health.DATA, first=-1), now=float(t))
+    assert not before.is_stalled(10.0, ahead, 0.0)
     for phase in (health.EVAL, health.SAVE, "zero_first:data", "compile", health.SETUP):
         w = watch(stall_after=1.0)
         w.observe(beat(1, step=3, phase=health.DATA), now=0.0)

@@ -10,6 +10,7 @@ busy 2-core machine, so its bound is looser. Printed `[liveness]` lines give the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -32,6 +34,16 @@ DETECTED_WITHIN = DEAD_AFTER + 5.0  # the promise
 GONE_WITHIN = DEAD_AFTER + 15.0  # the promise plus shutting down python, torch and the agent under load
 JOB = ["device=cpu", "trainer.epochs=8", "trainer.log_every=2", f"dist.dead_after={DEAD_AFTER}"]
 HAZARD_DATA = "data.dataset._target_=tests.liveness.parts.HazardDigits"
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left(tmp_path: Path) -> Iterator[None]:
+    """Whatever a test started (its command lines name its tmp_path) ends with it, also when it fails."""
+    yield
+    for p in psutil.process_iter(["cmdline"]):
+        if str(tmp_path) in " ".join(p.info["cmdline"] or []):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
 
 
 def env_for(tmp: Path, run_id: str, **extra: str) -> dict[str, str]:
