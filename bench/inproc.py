@@ -75,8 +75,8 @@ def _harness_fit(args: argparse.Namespace, out: Path, session: Session) -> tuple
     seed_everything(args.seed)
     model = reference.ARCHS[args.arch]()
     optimizer = torch.optim.SGD(model.parameters(), **reference.SGD)
-    run_dir = session.run_dir / out.name  # fresh: nothing to resume
-    run_dir.mkdir()
+    run_dir = session.run_dir / out.name  # fresh (a new name each round): nothing to resume
+    run_dir.mkdir(exist_ok=True)  # every rank's, and the ranks share it
     fit(model=model, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss(), metric=Accuracy(), train_set=train_set,
         val_set=val_set, batch=plan_batch(args.batch, session.world_size),
         trainer=TrainerConfig(epochs=1, log_every=args.log_every), device=session.device, run_dir=run_dir,

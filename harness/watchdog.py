@@ -296,6 +296,14 @@ class Watchdog:
                 self._fence(subject)
 
     # ------------------------------------------------------------------ the main thread's side
+    def beat_now(self) -> None:
+        """Publish the phase at once, from the main thread: before a body that may take long, so a
+        report about this rank says where it was (zero_first's master)."""
+        self.member.count += 1  # one sequence for the beats of both connections
+        with contextlib.suppress(Exception):
+            self._main.store.set(self.keys.beat(self.me.rank),
+                                 health.encode_beat(self.me, self.progress, self.member.count))
+
     def explain(self, exc: BaseException, peer_caused: bool = False) -> Verdict | None:
         """Called by the main thread's error path: the verdict that explains `exc`, if any.
 

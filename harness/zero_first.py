@@ -111,6 +111,7 @@ def zero_first(name: str = "default", scope: Literal["local", "global"] = "local
         store = hdist.store()
         if place.leads:
             before, wd.progress.phase = wd.progress.phase, f"zero_first:{name}"
+            wd.beat_now()
             try:
                 yield
             except BaseException as exc:
