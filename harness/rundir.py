@@ -6,7 +6,7 @@ directory exclusively, so two runs started in the same second never share a dire
 
 Also owns the check that every rank sees the same directory (`check_shared`): on several nodes the
 run directory must be on a file system they all mount. A node-local one would let a rank 0 that
-restarts on another node find no `last.pt` and start the run over, silently; so at start rank 0
+restarts on another node find no checkpoint and start the run over, silently; so at start rank 0
 writes `.shared-<nonce>` there, every rank looks for it, and all refuse together if one cannot.
 """
 
