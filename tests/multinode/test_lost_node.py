@@ -98,21 +98,23 @@ def resumed_and_stepped(run_dir: Path) -> bool:
     return False
 
 
-def lose(hosts: Lab, tmp_path: Path, cut: str, rdzv_id: str) -> Loss:
-    """Start one agent per host (the rendezvous on the lab's first host), pull `cut`'s cable in the
-    second epoch, and time what follows until every agent has ended."""
+def lose(hosts: Lab, tmp_path: Path, cut: str, rdzv_id: str, min_nodes: int = 1) -> Loss:
+    """Start one agent per host (`--nnodes min_nodes:<hosts>`, the rendezvous on the lab's first host),
+    pull `cut`'s cable in the second epoch, and time what follows until every agent has ended."""
     n = len(hosts.hosts)
     for h in hosts.hosts:  # a network namespace has its own net.ipv4 settings
         assert hosts.run(h, ["sh", "-c", f"echo {TCP_RETRIES2} > /proc/sys/net/ipv4/tcp_retries2"]).returncode == 0
     env = hosts.env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # the README asks for it under --max-restarts
-    cmd = torchrun(hosts, *JOB, f"run_root={tmp_path}/runs", rdzv_id=rdzv_id, nnodes=f"1:{n}", rdzv_conf=RDZV_CONF,
-                   flags=("--max-restarts=1", "--monitor-interval=0.1"))
+    cmd = torchrun(hosts, *JOB, f"run_root={tmp_path}/runs", rdzv_id=rdzv_id, nnodes=f"{min_nodes}:{n}",
+                   rdzv_conf=RDZV_CONF, flags=("--max-restarts=1", "--monitor-interval=0.1"))
     agents = {h: hosts.popen(h, cmd, log=tmp_path / f"agent-{h}.log", cwd=tmp_path, env=env) for h in hosts.hosts}
     run_dir = tmp_path / "runs" / f"elastic-{rdzv_id}"
     rdzv_host = hosts.hosts[0]
     continuing = [cut] if cut == rdzv_host else [h for h in hosts.hosts if h != cut]
-    wait_until(lambda: (run_dir / "train.log").is_file() and " epoch 2/" in (run_dir / "train.log").read_text(),
-               "the second epoch", agents, hosts, tmp_path)
+    # a few steps into the second epoch (log_every=1: a line a step), some steps past the last save
+    train_log = run_dir / "train.log"
+    wait_until(lambda: train_log.is_file() and train_log.read_text().count(" epoch 2/") >= 8, "the second epoch",
+               agents, hosts, tmp_path)
     first = starts(run_dir)
     assert sorted(h for _, _, h, _ in first) == sorted(hosts.hosts) and {w for _, w, _, _ in first} == {n}, first
     loss = Loss(run_dir, cut, continuing, [h for h in hosts.hosts if h not in continuing], first)
@@ -122,6 +124,7 @@ def lose(hosts: Lab, tmp_path: Path, cut: str, rdzv_id: str) -> Loss:
     named = re.compile(rf"(rank \d+ \(pid {pid[cut]} on {cut}\) lost|lost contact with the store at \S+ "
                        rf"\(hosted by rank 0, pid {pid[cut]} on {cut}\))")
     events: dict[str, Callable[[], bool]] = {
+        # the other side names the cut host: its rank lost, or the store it hosted
         "named": lambda: named.search(rank_log_text(run_dir)) is not None,
         "continuing workers left": lambda: not any(alive(pid[h]) for h in loss.continuing),
         "stopping workers left": lambda: not any(alive(pid[h]) for h in loss.stopping),
@@ -173,10 +176,11 @@ def check_continued(loss: Loss) -> None:
     assert resumed and {(e, int(s) % 5) for _, e, s in resumed} == {("2", 0)}, resumed  # mid-epoch 2, saved every 5
     assert epochs(run_dir) == list(range(1, EPOCHS + 1))
     assert checkpoint.load(run_dir)["meta"]["world_size"] == len(loss.continuing)
-    # incidents.jsonl: the lost host, named by the side that continues; a cut-off side that still sees the
-    # shared run directory (as here) adds its own view, naming the host it lost on the other side
+    # incidents.jsonl names the lost host; each side that still sees the shared run directory (here both)
+    # records its own view, naming a host on the other side; the side that continued always does
     found, host_of = incidents.read(run_dir), {r: h for r, _, h, _ in loss.first}
-    assert any(f" on {loss.cut})" in i["line"] and host_of[i["reporter"]] in loss.continuing for i in found), found
+    assert any(f" on {loss.cut})" in i["line"] for i in found), found
+    assert any(host_of[i["reporter"]] in loss.continuing for i in found), found
     for i in found:
         other = loss.stopping if host_of[i["reporter"]] in loss.continuing else loss.continuing
         assert any(f" on {h})" in i["line"] for h in other), i["line"]
@@ -189,3 +193,30 @@ def test_b_a_host_with_neither_rank_0_nor_the_rendezvous_is_lost_and_the_other_c
     check_continued(loss)
     assert loss.continuing == ["node1"]
     assert re.search(r"rank 1 \(pid \d+ on node2\) lost at step \d+", rank_log_text(loss.run_dir))
+
+
+@pytest.mark.parametrize(("names", "cut"), [
+    (("node1", "node2"), "node1"),  # rank 0 and the rendezvous on node1: node1 continues alone
+    (("beta", "alpha"), "alpha"),  # the rendezvous on beta, rank 0 on alpha: beta continues alone
+], ids=["with-the-rendezvous", "without-the-rendezvous"])
+def test_c_the_host_of_rank_0_is_lost_and_the_side_with_the_rendezvous_continues(
+        names: tuple[str, str], cut: str, lab, tmp_path: Path, cache_dir: Path) -> None:
+    hosts = lab(*names)
+    loss = lose(hosts, tmp_path, cut, f"c-{cut}")
+    check_continued(loss)
+    other = next(h for h in names if h != cut)
+    assert loss.continuing == [names[0]]  # the rendezvous host, cut off or not
+    # the other host's worker lost the store that rank 0 hosted on the cut host
+    text = rank_log_text(loss.run_dir)
+    assert re.search(rf"lost contact with the store at {cut}:\d+ \(hosted by rank 0, pid \d+ on {cut}\): "
+                     rf"no answer for \d+\.\d s", text), text[-3000:]
+    assert re.search(rf"rank 1 \(pid \d+ on {other}\) lost at step \d+", text)  # and the cut host lost it
+
+
+def test_d_three_hosts_lose_one_and_the_run_continues_on_two(lab, tmp_path: Path, cache_dir: Path) -> None:
+    hosts = lab(3)  # node1: the rendezvous and rank 0
+    # --nnodes 2:3: the rendezvous after the loss waits for both hosts that remain
+    loss = lose(hosts, tmp_path, "node3", "d", min_nodes=2)
+    check_continued(loss)
+    assert loss.continuing == ["node1", "node2"]
+    assert re.search(r"rank 2 \(pid \d+ on node3\) lost at step \d+", rank_log_text(loss.run_dir))
