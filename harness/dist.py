@@ -8,7 +8,6 @@ harness/zero_first.py.
 
 from __future__ import annotations
 
-from collections import Counter
 from datetime import timedelta
 
 import torch
@@ -17,7 +16,6 @@ import torch.distributed as dist
 from harness.env import DistEnv
 
 _ENV: DistEnv = DistEnv("launcher")
-_generations: Counter[str] = Counter()  # share_from_master's per-key counts
 
 
 def init(env: DistEnv, *, backend: str, timeout_s: float, cuda: bool) -> torch.device:
@@ -55,7 +53,6 @@ def teardown() -> None:
     """Leave the process group and forget this process's environment: a second session starts clean."""
     global _ENV
     _ENV = DistEnv("launcher")
-    _generations.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -82,22 +79,20 @@ def store() -> dist.Store:
     return dist.distributed_c10d._get_default_store()
 
 
-def share_from_master(key: str, value: str | None) -> str:
-    """Rank 0 publishes `value` under `key`; every rank returns it. Without a group, returns `value`."""
+def share_from_master(value: str | None) -> str:
+    """Rank 0's `value` on every rank (a collective: every rank calls it). Without a group, `value`.
+
+    A broadcast rather than a store key: no key can outlive its group (the agent's store does, across
+    restarts) or be named differently on two ranks of one group (an agent restarts its workers for a
+    membership change without counting it, so after a lost node one group can mix
+    TORCHELASTIC_RESTART_COUNT 0 and 1: tests/multinode/test_lost_node.py)."""
     if not dist.is_initialized():
         assert value is not None
         return value
-    full = f"harness/share/{_ENV.restart_count}/{key}/{_next_generation(key)}"
-    if is_master():
-        assert value is not None
-        store().set(full, value)
-        return value
-    return store().get(full).decode()
-
-
-def _next_generation(name: str) -> int:
-    _generations[name] += 1
-    return _generations[name]
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    assert box[0] is not None
+    return box[0]
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

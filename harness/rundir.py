@@ -109,7 +109,7 @@ def check_shared(run_dir: Path, rank: int) -> None:
     nonce = secrets.token_hex(8) if rank == 0 else None
     if nonce is not None:
         mark_shared(run_dir, nonce, host)  # before the nonce is out: whoever has the nonce may look
-    nonce = share_from_master("run_dir_mark", nonce)
+    nonce = share_from_master(nonce)
     views: list[tuple[str, str, bool] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(views, (host, str(run_dir), sees_mark(run_dir, nonce)))
     error = unshared_error([v for v in views if v is not None], nonce)

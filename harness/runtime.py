@@ -128,7 +128,7 @@ def session(
             root = Path(run_root)
             rid = run_id_override or run_id(environ)
             if rid is None:  # torchrun without --rdzv-id: rank 0 picks a fresh timestamp and shares it
-                rid = hdist.share_from_master("run_id", rundir.create_unique(root).name if env.rank == 0 else None)
+                rid = hdist.share_from_master(rundir.create_unique(root).name if env.rank == 0 else None)
             run_dir = rundir.ensure(root, rid)
             rundir.check_shared(run_dir, env.rank)  # all ranks see rank 0's directory, or all refuse
             logs.setup_files(run_dir, env.rank)

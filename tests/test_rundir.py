@@ -80,3 +80,28 @@ def test_ranks_with_different_run_roots_refuse_before_training(tmp_path: Path, c
         run_dir = tmp_path / node / "runs" / "elastic-unshared"
         assert run_dir.is_dir() and not (run_dir / "metrics.csv").exists() and not (run_dir / "checkpoints").exists()
     assert_no_process_left(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_workers_whose_agents_counted_restarts_differently_still_start_together(tmp_path: Path,
+                                                                                cache_dir: Path) -> None:
+    """A torchrun agent restarts its workers for a membership change without counting it: after a lost
+    node, one agent's workers may start with TORCHELASTIC_RESTART_COUNT=1 (its worker failed) and the
+    other's with 0 (it saw the first one waiting). Both ranks of that new group must still agree on the
+    run directory (tests/multinode/test_lost_node.py is where it happened)."""
+    from tests.test_zero_first import free_port
+
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        env = clean_env(OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="1",
+                        GROUP_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, TORCHELASTIC_RUN_ID="mixed",
+                        TORCHELASTIC_RESTART_COUNT=str(1 - rank))
+        cmd = [sys.executable, "-m", "harness.train", "device=cpu", "model=mlp", "trainer.epochs=1", "dist.timeout=30",
+               f"run_root={tmp_path / 'runs'}"]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT))
+    outs = [p.communicate(timeout=100)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "epoch 1/1" in (tmp_path / "runs" / "elastic-mixed" / "train.log").read_text()
+    assert_no_process_left(str(tmp_path))

@@ -93,11 +93,13 @@ def test_a_lab_whose_owner_ends_is_taken_down(tmp_path: Path, cache_dir: Path) -
         hosts_sh("-n", name, "down", check=False)
 
 
-def torchrun(hosts: Lab, *args: str, rdzv_id: str) -> list[str]:
-    """One host's agent of a 2-node, 1-worker-per-node run with its rendezvous on the first host."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={len(hosts.hosts)}", "--nproc-per-node=1",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint={hosts.addrs[hosts.hosts[0]]}:{RDZV_PORT}",
-            f"--rdzv-id={rdzv_id}", "--rdzv-conf=join_timeout=60", "-m", "harness.train", *args]
+def torchrun(hosts: Lab, *args: str, rdzv_id: str, nnodes: str = "", rdzv_conf: str = "join_timeout=60",
+             flags: tuple[str, ...] = ()) -> list[str]:
+    """One host's agent of a run with 1 worker per host and its rendezvous on the lab's first host;
+    `nnodes` (default: every host of the lab) may be MIN:MAX."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes or len(hosts.hosts)}",
+            "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={hosts.addrs[hosts.hosts[0]]}:{RDZV_PORT}",
+            f"--rdzv-id={rdzv_id}", f"--rdzv-conf={rdzv_conf}", *flags, "-m", "harness.train", *args]
 
 
 def run_on_every_host(hosts: Lab, tmp_path: Path, *args: str, rdzv_id: str) -> tuple[list[int], str]:
