@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import logging
 import sys
+import threading
 from pathlib import Path
 
 from harness import atomic
@@ -54,6 +55,24 @@ def setup_files(run_dir: Path, rank: int) -> logging.Logger:
         main.setFormatter(logging.Formatter(FORMAT))
         log.addHandler(main)
     return log
+
+
+def emit_unblocked(level: int, message: str, console_s: float = 1.0) -> None:
+    """Log to the files first, then to the console from a thread waited for at most `console_s`: a
+    console nobody reads (a full pipe) must not keep the watchdog from acting and the rank from leaving."""
+    log = get_logger()
+    if not log.isEnabledFor(level):
+        return
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    handlers = [h for h in log.handlers if record.levelno >= h.level]
+    for h in handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
+    console = [h for h in handlers if not isinstance(h, logging.FileHandler)]
+    if console:
+        thread = threading.Thread(target=lambda: [h.handle(record) for h in console], daemon=True)
+        thread.start()
+        thread.join(console_s)
 
 
 def close() -> None:

@@ -39,7 +39,7 @@ import psutil
 import torch.distributed as dist
 
 from harness import dist as hdist
-from harness import health, incidents
+from harness import health, incidents, logs
 from harness.config import ON_STALL
 from harness.health import Identity, Keys, Member, PeerWatch, Progress, Verdict
 
@@ -199,8 +199,9 @@ class Watchdog:
         """A watcher finds us holding the others up: every thread's stack into our own log, the main
         thread's into the store, where the watcher picks it up for its report."""
         everything, main = incidents.thread_stacks()
-        log.warning(f"rank {self.me.rank} is holding the others up (rank {asked_by} asked for its stacks) at "
-                    f"step {self.progress.step} in {self.progress.phase}; this process's threads:\n{everything}")
+        logs.emit_unblocked(logging.WARNING, f"rank {self.me.rank} is holding the others up (rank {asked_by} asked "
+                            f"for its stacks) at step {self.progress.step} in {self.progress.phase}; this "
+                            f"process's threads:\n{everything}")
         self._own.set(self.keys.stack(self.me.rank), main[: health.STACK_MAX])
 
     def _gone(self, last: dict[str, Any]) -> bool:
@@ -243,7 +244,7 @@ class Watchdog:
     # ------------------------------------------------------------------ actions
     def _report(self, verdict: Verdict, first: bool) -> None:
         stack = f"\n  its main thread:\n{verdict.stack}" if verdict.stack else ""
-        log.error(f"{verdict.line()}{stack}")
+        logs.emit_unblocked(logging.ERROR, f"{verdict.line()}{stack}")
         if first:
             incidents.append(self.run_dir, verdict)
 
@@ -268,10 +269,7 @@ class Watchdog:
                     self._linger(self._own, expected=len(self.table) - (verdict.kind in ("dead", "gone")))
         if self._done.wait(LEAVING_S if self.leaving else GRACE_S):
             return  # the main thread finished on its own
-        for h in log.handlers:
-            with contextlib.suppress(Exception):
-                h.flush()
-        os._exit(EXIT_PEER_LOST)
+        os._exit(EXIT_PEER_LOST)  # every handler flushed its record already (the console's, if it could)
 
     def _linger(self, store: Any, expected: int) -> None:
         deadline = time.monotonic() + 2 * self.config.period + 1.0
@@ -287,7 +285,8 @@ class Watchdog:
             p = psutil.Process(subject["pid"])
             if abs(p.create_time() - subject["start"]) < 0.05:
                 p.kill()
-                log.info(f"rank {self.me.rank}: killed frozen rank {subject['rank']} (pid {subject['pid']})")
+                logs.emit_unblocked(logging.INFO, f"rank {self.me.rank}: killed frozen rank {subject['rank']} "
+                                                  f"(pid {subject['pid']})")
 
     def _fence_stopped(self, subject: dict[str, Any]) -> None:
         """The store's host rank is only fenced when it is stopped (SIGSTOP, a debugger), not when slow."""
