@@ -6,8 +6,8 @@ Owns the two threads of the liveness protocol (harness/health.py) and the action
 - the **clock** thread only watches the round thread: a store call can block for ever when the
   store's host is frozen, whatever its timeout, so "no round finished for dead_after" is how a
   rank learns that it lost the store;
-- on a verdict (`_act`), once per rank: fence a frozen peer on this host (SIGKILL, checking pid
-  and start time so no other process is hit), log ONE report, the first reporter records it
+- on a verdict (`_act`), once per rank: fence a frozen peer on this host (harness/fencing.py:
+  SIGKILL, checking pid and start time so no other process is hit), log ONE report, the first reporter records it
   (harness/incidents.py: `<run dir>/incidents.jsonl`), write torchrun's error file so the agent
   names the cause, let the
   store's host (rank 0) linger until the others have read the verdict, and leave with
@@ -39,7 +39,7 @@ import psutil
 import torch.distributed as dist
 
 from harness import dist as hdist
-from harness import health, incidents, logs
+from harness import fencing, health, incidents, logs
 from harness.config import ON_STALL
 from harness.health import Identity, Keys, Member, PeerWatch, Progress, Verdict
 
@@ -166,7 +166,7 @@ class Watchdog:
         if watch.is_dead(now):
             self._post(self._verdict("dead", watch, f"no heartbeat for {watch.silent_for(now):.1f} s "
                                      "(frozen, dead or cut off)", watch.silent_for(now)))
-        elif watch.last is not None and self._gone(watch.last):
+        elif watch.last is not None and fencing.gone(watch.last, self.me.host):  # known at once
             self._post(self._verdict("gone", watch, "its process is gone", watch.silent_for(now)))
         elif watch.is_stalled(now, *self._mine):
             watch.stalled = True
@@ -203,16 +203,6 @@ class Watchdog:
                             f"for its stacks) at step {self.progress.step} in {self.progress.phase}; this "
                             f"process's threads:\n{everything}")
         self._own.set(self.keys.stack(self.me.rank), main[: health.STACK_MAX])
-
-    def _gone(self, last: dict[str, Any]) -> bool:
-        """A peer on this host whose process ended: known at once, no need to wait for dead_after."""
-        if last["host"] != self.me.host:
-            return False
-        try:
-            p = psutil.Process(last["pid"])
-            return abs(p.create_time() - last["start"]) > 0.05 or p.status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
 
     def _verdict(self, kind: str, watch: PeerWatch, cause: str, seconds: float) -> Verdict:
         subject = watch.last or {**self.table[watch.rank], "step": 0, "phase": ""}
@@ -252,10 +242,16 @@ class Watchdog:
         """Once per rank: fence, report, acknowledge, linger if we may host the store, leave."""
         if not self._acted.acquire(blocking=False):
             return
-        if shared and verdict.kind == "dead":
-            self._fence(verdict.subject)
-        elif verdict.kind == "store" and not self.store_host.startswith("the elastic agent"):  # rank 0 is it
-            self._fence_stopped(self.table[0])
+        # a frozen peer on this host cannot leave by itself; the store's host only when stopped, not slow
+        fenced = None
+        if shared and verdict.kind == "dead" and fencing.kill(verdict.subject, self.me.host):
+            fenced = verdict.subject
+        elif verdict.kind == "store" and not self.store_host.startswith("the elastic agent") \
+                and fencing.kill(self.table[0], self.me.host, only_if_stopped=True):
+            fenced = self.table[0]
+        if fenced is not None:
+            logs.emit_unblocked(logging.INFO, f"rank {self.me.rank}: killed frozen rank {fenced['rank']} "
+                                              f"(pid {fenced['pid']})")
         if not self.leaving:
             self._report(verdict, first=reporter and shared)
             incidents.write_error_file(verdict)
@@ -275,24 +271,6 @@ class Watchdog:
         deadline = time.monotonic() + 2 * self.config.period + 1.0
         while time.monotonic() < deadline and store.add(self.keys.acks, 0) < expected:
             time.sleep(0.02)
-
-    def _fence(self, subject: dict[str, Any]) -> None:
-        """SIGKILL a peer named frozen if it runs on this host: it cannot leave by itself, and an agent
-        gives SIGTERM a 30 s grace. The pid and start time must both match: no other process is hit."""
-        if subject.get("host") != self.me.host or subject.get("pid") is None:
-            return
-        with contextlib.suppress(psutil.Error):
-            p = psutil.Process(subject["pid"])
-            if abs(p.create_time() - subject["start"]) < 0.05:
-                p.kill()
-                logs.emit_unblocked(logging.INFO, f"rank {self.me.rank}: killed frozen rank {subject['rank']} "
-                                                  f"(pid {subject['pid']})")
-
-    def _fence_stopped(self, subject: dict[str, Any]) -> None:
-        """The store's host rank is only fenced when it is stopped (SIGSTOP, a debugger), not when slow."""
-        with contextlib.suppress(psutil.Error):
-            if psutil.Process(subject["pid"]).status() == psutil.STATUS_STOPPED:
-                self._fence(subject)
 
     # ------------------------------------------------------------------ the main thread's side
     def beat_now(self) -> None:
