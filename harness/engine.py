@@ -218,7 +218,7 @@ class Loop:
             checkpoint.set_rng_state(self.rng.pending)
         else:
             self.pending_rng = self.rng.pending  # train_epoch restores it once the iterator exists
-        self.result.steps = self.progress.step = self.global_step
+        self.result.steps = self.global_step
         if self.rank == 0 and self.run_dir is not None:
             preempt.clear_marker(self.run_dir)
             if self.metrics is not None:

@@ -66,9 +66,6 @@ class Identity:
     pid: int
     start: float  # the process's start time (psutil's create_time)
 
-    def describe(self) -> str:
-        return f"rank {self.rank} (pid {self.pid} on {self.host})"
-
 
 @dataclass(frozen=True)
 class Keys:

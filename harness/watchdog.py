@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,7 @@ class Watchdog:
         peer = health.watched_by(me.rank, world, health.watch_shift([t["host"] for t in table]))
         self.address = _store_address(store)
         host0 = table[0]
+        self.agent_store = agent_store
         self.store_host = (f"the elastic agent on {host0['host']}" if agent_store
                            else f"rank 0, pid {host0['pid']} on {host0['host']}")
         # rank 0 hosts the store (srun, or torchrun without the agent's store): when it leaves, the
@@ -181,11 +182,12 @@ class Watchdog:
             self._pending_stall = None
             return
         stack_key = self.keys.stack(self.watch.rank)
-        if not self._own.check([stack_key]) and tries < 3:
+        dumped = self._own.check([stack_key])
+        if not dumped and tries < 3:
             self._pending_stall = (verdict, tries + 1)
             return
         self._pending_stall = None
-        stack = self._own.get(stack_key).decode() if self._own.check([stack_key]) else ""
+        stack = self._own.get(stack_key).decode() if dumped else ""
         seconds = now - self.watch.position_at
         verdict = replace(verdict, stack=stack, seconds=seconds,
                           cause=f"no progress for {seconds:.1f} s while rank {self.me.rank} waits for it "
@@ -246,7 +248,7 @@ class Watchdog:
         fenced = None
         if shared and verdict.kind == "dead" and fencing.kill(verdict.subject, self.me.host):
             fenced = verdict.subject
-        elif verdict.kind == "store" and not self.store_host.startswith("the elastic agent") \
+        elif verdict.kind == "store" and not self.agent_store \
                 and fencing.kill(self.table[0], self.me.host, only_if_stopped=True):
             fenced = self.table[0]
         if fenced is not None:
@@ -300,8 +302,7 @@ class Watchdog:
         self.leaving = True
         if self.verdict is not None:
             return
-        subject = {"rank": self.me.rank, "host": self.me.host, "pid": self.me.pid, "start": self.me.start,
-                   "step": self.progress.step, "phase": self.progress.phase}
+        subject = {**asdict(self.me), "step": self.progress.step, "phase": self.progress.phase}
         text = str(exc).splitlines()[0][:500] if str(exc) else ""
         verdict = Verdict("failed", subject, 0.0, f"{type(exc).__name__}: {text}".rstrip(": "), self.me.rank,
                           self.keys.attempt, time=time.time())
@@ -325,10 +326,6 @@ class Watchdog:
 
 
 _current: Watchdog | None = None
-
-
-def current() -> Watchdog | None:
-    return _current
 
 
 def progress() -> Progress:
@@ -363,13 +360,11 @@ def stop() -> None:
 
 
 @contextlib.contextmanager
-def watching(config: WatchdogConfig | None, run_dir: Path | None = None) -> Iterator[Watchdog | None]:
+def watching(config: WatchdogConfig | None) -> Iterator[Watchdog | None]:
     """Run the body with this rank's watchdog (None: without one). On an error, a lost peer that
     explains it becomes PeerLostError (no traceback wall); any other error is told to the others.
     On success, every rank meets at a barrier before anyone stops watching or leaves."""
     wd = start(config) if config is not None else None
-    if wd is not None:
-        wd.run_dir = run_dir
     try:
         yield wd
     except BaseException as exc:
