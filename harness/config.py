@@ -56,6 +56,22 @@ class DataConfig:
 
 
 AMP_MODES = ("off", "bf16", "fp16")
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+@dataclass
+class FsdpConfig:
+    """`trainer.strategy=fsdp`: FSDP2 (`fully_shard`) on a 1-D device mesh of every rank (harness/fsdp.py)."""
+
+    # module classes sharded as units of their own (their name, e.g. Block, or module.path.Block);
+    # [] = by size: every module whose not-yet-sharded parameters reach min_params (FSDP1's size policy)
+    wrap: list[str] = field(default_factory=list)
+    min_params: int = 1_000_000  # the size policy's threshold, when wrap is []
+    reshard_after_forward: bool = True  # true: free gathered parameters after forward (ZeRO-3); false: ZeRO-2
+
+    def __post_init__(self) -> None:
+        if self.min_params < 1:
+            raise ConfigError(f"trainer.fsdp.min_params={self.min_params} must be >= 1")
 LR_SCHEDULES = ("cosine", "constant")
 LOGGERS = ("csv", "tensorboard")
 
@@ -86,6 +102,10 @@ class TrainerConfig:
     check_every: int = 10  # steps between the ranks' agreement on a signal (a pipelined CPU all-reduce)
     progress: bool = True  # tqdm bar on rank 0 (never when stderr is not a terminal)
     logger: str = "csv"  # csv (metrics.csv, always) | tensorboard (also <run>/tensorboard)
+    # auto: DDP when world size > 1, the bare module at 1 | ddp: the same | fsdp: shard parameters,
+    # gradients and optimizer state over the ranks (FSDP2; sharded checkpoints; also at world size 1)
+    strategy: str = "auto"
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
 
     def __post_init__(self) -> None:
         for key in ("epochs", "accumulate", "log_every", "check_every", "keep_checkpoints"):
@@ -96,7 +116,8 @@ class TrainerConfig:
                 raise ConfigError(f"trainer.{key}={getattr(self, key)} must be >= 0")
         if self.grad_clip < 0:
             raise ConfigError(f"trainer.grad_clip={self.grad_clip} must be >= 0 (0 = off)")
-        for key, valid in (("amp", AMP_MODES), ("lr_schedule", LR_SCHEDULES), ("logger", LOGGERS)):
+        for key, valid in (("amp", AMP_MODES), ("lr_schedule", LR_SCHEDULES), ("logger", LOGGERS),
+                           ("strategy", STRATEGIES)):
             if getattr(self, key) not in valid:
                 raise ConfigError(f"trainer.{key}={getattr(self, key)!r} is not one of {', '.join(valid)}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -110,6 +131,20 @@ class TrainerConfig:
         if self.preempt_signal in ("SIGKILL", "SIGSTOP", "SIGTERM", "SIGINT"):
             raise ConfigError(f"trainer.preempt_signal={self.preempt_signal} cannot be the preemption signal "
                               "(SIGTERM and SIGINT mean stop without requeue); use SIGUSR2 or SIGUSR1")
+        if self.strategy == "fsdp":
+            self._check_fsdp()
+
+    def _check_fsdp(self) -> None:
+        """What FSDP2 here cannot do, refused at start rather than failing mid-run."""
+        if self.sync_bn:
+            raise ConfigError("trainer.sync_bn=true with trainer.strategy=fsdp: FSDP shards BatchNorm's "
+                              "parameters but not its statistics; use trainer.strategy=ddp for SyncBatchNorm")
+        if self.amp == "fp16":
+            raise ConfigError("trainer.amp=fp16 with trainer.strategy=fsdp: sharded training here uses bf16 "
+                              "(FSDP's mixed-precision policy, no GradScaler); set trainer.amp=bf16 or off")
+        if self.channels_last:
+            raise ConfigError("trainer.channels_last=true with trainer.strategy=fsdp: FSDP shards convolution "
+                              "weights along dim 0 in the default layout; set trainer.channels_last=false")
 
 
 @dataclass

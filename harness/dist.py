@@ -41,6 +41,14 @@ def init(env: DistEnv, *, backend: str, timeout_s: float, cuda: bool) -> torch.d
     return device
 
 
+def ensure_group(device: torch.device) -> None:
+    """A one-rank process group where there is none (world size 1), for code that needs a group
+    whatever the world size (FSDP's device mesh); `teardown` ends it as it ends any other."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+
+
 def meet() -> None:
     """Every rank got here without an error: meet at a barrier before leaving, so no rank tears its
     connections down while a peer still uses them (seen: a gloo rank aborting with 'terminate called

@@ -1,10 +1,11 @@
 """The training loop.
 
-Owns: wrapping (SyncBN, channels_last, DDP only when world size > 1, torch.compile), the step loop
+Owns: wrapping (SyncBN, channels_last, the strategy's wrapper, torch.compile), the step loop
 (AMP, accumulation with `no_sync` on the non-final micro-steps, clipping, the lr schedule, EMA),
 exact evaluation over ranks, early stopping, the per-epoch metrics row, when to save (every epoch and
 every `save_every_steps`) and which parts a checkpoint holds, and stopping at a step boundary on
-preemption. What a checkpoint looks like, where it goes and how resume picks one is harness.checkpoint's.
+preemption. What a checkpoint looks like, where it goes and how resume picks one is harness.checkpoint's;
+what differs between replicated and sharded models is harness.strategy's; evaluation is harness.evaluate's.
 It knows nothing of Hydra or of how the process was started.
 
 No host-device sync in the step loop except at `trainer.log_every` steps (fp16's GradScaler is the
@@ -14,7 +15,6 @@ is a CPU all-reduce of a flag, not a device sync.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 import time
 from collections.abc import Callable
@@ -24,24 +24,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from harness import checkpoint, preempt, watchdog
 from harness import dist as hdist
 from harness.batching import BatchPlan
 from harness.config import ConfigError, TrainerConfig
-from harness.data.sampler import GlobalBatchSampler, ShardSampler
+from harness.data.sampler import GlobalBatchSampler
+from harness.evaluate import Metric, evaluate, sync_buffers, to_device, val_sampler, weights_digest
 from harness.health import BACKWARD, DATA, EVAL, FORWARD, OPTIM, SAVE
 from harness.logs import MetricsWriter, get_logger
 from harness.plots import plot_results
 from harness.schedule import build_scheduler
+from harness.strategy import Strategy, choose
 from harness.utils.early_stopping import EarlyStopping
-from harness.utils.ema import ModelEMA
 
-Metric = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]]
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -56,48 +54,6 @@ class FitResult:
     @property
     def last(self) -> dict[str, float]:
         return self.history[-1] if self.history else {}
-
-
-def weights_digest(model: nn.Module) -> str:
-    """sha256 over parameters and buffers, in state_dict order: equal on every rank after a DDP run."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _sync_buffers(model: nn.Module) -> None:
-    """DDP broadcasts buffers at the start of each forward, then each rank updates its own BN
-    statistics: make them rank 0's before evaluating and saving so every rank holds the same model."""
-    if hdist.world_size() > 1:
-        for buf in model.buffers():
-            dist.broadcast(buf, src=0)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, loss_fn: Callable, metric: Metric, device: torch.device,
-             autocast: Callable[[], Any] = nullcontext, channels_last: bool = False) -> dict[str, float]:
-    """Loss and metric over the whole validation set, each sample counted once across ranks."""
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, metric sum, samples
-    for x, y in loader:
-        x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
-        with autocast():
-            out = model(x)
-            loss = loss_fn(out, y)
-        m_sum, m_count = metric(out, y)
-        sums[0] += loss.double() * y.shape[0]
-        sums[1] += torch.as_tensor(m_sum, dtype=torch.float64, device=device)
-        sums[2] += m_count.double() if torch.is_tensor(m_count) else float(m_count)
-    hdist.all_reduce_sum(sums)
-    loss_sum, metric_sum, count = sums.tolist()
-    return {"val_loss": loss_sum / max(count, 1), "val_metric": metric_sum / max(count, 1), "val_samples": count}
-
-
-def _to(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
 def _tensorboard(run_dir: Path) -> Any:
@@ -138,10 +94,12 @@ class Loop:
 
     def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, metric: Metric,
                  train_set: Dataset, val_set: Dataset, batch: BatchPlan, trainer: TrainerConfig,
-                 device: torch.device, run_dir: Path | None, seed: int, num_workers: int, config_yaml: str) -> None:
+                 device: torch.device, run_dir: Path | None, seed: int, num_workers: int, config_yaml: str,
+                 strategy: Strategy | None = None) -> None:
         check_trainer(trainer, device)
         self.log = get_logger()
         self.rank, self.world = hdist.rank(), hdist.world_size()
+        self.strategy = strategy or choose(trainer.strategy, self.world, trainer.fsdp, trainer.amp)
         self.t, self.batch, self.device, self.run_dir, self.config_yaml = trainer, batch, device, run_dir, config_yaml
         self.loss_fn, self.metric = loss_fn, metric
         self.metric_name = getattr(metric, "name", "metric")
@@ -150,14 +108,14 @@ class Loop:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if trainer.channels_last:
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.model = model  # the bare module: what is evaluated, saved and digested
-        self.forward: nn.Module = DistributedDataParallel(model, device_ids=[device] if cuda else None) \
-            if self.world > 1 else model
-        self.ddp = self.forward if self.world > 1 else None
+        self.model = model  # the bare (or sharded) module: what is evaluated, saved and digested
+        self.forward: nn.Module = self.strategy.wrap(model, device)
+        wrapped = self.forward  # what no_sync acts on (not the compiled wrapper)
+        self.no_sync = lambda: self.strategy.no_sync(wrapped)  # noqa: E731 (a fresh context per micro-step)
         if trainer.compile:
             self.forward = torch.compile(self.forward, backend=trainer.compile_backend)  # type: ignore[assignment]
         self.optimizer = optimizer
-        self.ema = ModelEMA(model, decay=trainer.ema_decay, tau=trainer.ema_tau) if trainer.ema else None
+        self.ema = self.strategy.ema(model, trainer.ema_decay, trainer.ema_tau) if trainer.ema else None
         self.stopper = EarlyStopping(patience=trainer.patience) if trainer.patience else None
         amp = AMP_DTYPES.get(trainer.amp)
         self.autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
@@ -168,7 +126,8 @@ class Loop:
                                           seed=seed)
         self.loader = DataLoader(train_set, batch_sampler=self.sampler, num_workers=num_workers, pin_memory=cuda,
                                  persistent_workers=num_workers > 0)
-        self.val_loader = DataLoader(val_set, sampler=ShardSampler(len(val_set), rank=self.rank, world_size=self.world),
+        self.val_loader = DataLoader(val_set, sampler=val_sampler(len(val_set), self.rank, self.world,
+                                                                  equal=self.strategy.sharded),
                                      batch_size=max(batch.per_rank, 1), num_workers=num_workers, pin_memory=cuda)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.scheduler = build_scheduler(optimizer, total=trainer.epochs * self.steps_per_epoch,
@@ -195,7 +154,7 @@ class Loop:
     def _checkpointer(self) -> checkpoint.Checkpointer:
         """The parts this run saves and restores, each with its own state_dict / load_state_dict."""
         parts: dict[str, checkpoint.Stateful] = {
-            "model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler,
+            **self.strategy.parts(self.model, self.optimizer), "scheduler": self.scheduler, "scaler": self.scaler,
             "sampler": self.sampler, "progress": _Progress(self), "rng": self.rng}
         if self.ema:
             parts["ema"] = self.ema
@@ -203,7 +162,8 @@ class Loop:
             parts["early_stopping"] = self.stopper
         directory = self.run_dir / "checkpoints" if self.run_dir is not None else None
         return checkpoint.Checkpointer(parts, directory=directory, rank=self.rank, world_size=self.world,
-                                       keep=self.t.keep_checkpoints, config=self.config_yaml, device=self.device)
+                                       keep=self.t.keep_checkpoints, config=self.config_yaml, device=self.device,
+                                       sharded=("model", "optimizer", "ema") if self.strategy.sharded else ())
 
     def save(self, best: bool = False) -> None:
         """Every rank calls this (RNG states are gathered); rank 0 writes. Never inside a micro-step."""
@@ -276,13 +236,12 @@ class Loop:
         progress = self.progress  # phases are constants: attribute stores, nothing else, in the hot path
         progress.phase = DATA
         for x, y in batches:
-            x, y = _to(x, self.device, t.channels_last), y.to(self.device, non_blocking=True)
+            x, y = to_device(x, self.device, t.channels_last), y.to(self.device, non_blocking=True)
             # without accumulation, no chunk and no division: 4 tensor ops a step, ~6% of a tiny model's step
             micro = ((x, y),) if acc == 1 else zip(x.chunk(acc), y.chunk(acc), strict=True)
             for i, (xm, ym) in enumerate(micro):
                 progress.phase = FORWARD
-                sync = nullcontext() if i == acc - 1 or self.ddp is None else self.ddp.no_sync()
-                with sync:
+                with nullcontext() if i == acc - 1 else self.no_sync():
                     with self.autocast():
                         loss = self.loss_fn(self.forward(xm), ym)
                         if acc > 1:
@@ -346,10 +305,10 @@ class Loop:
 
     def end_epoch(self) -> bool:
         """Evaluate, record, save; True when early stopping says stop (the same on every rank)."""
-        _sync_buffers(self.model)
-        evaluated = self.ema.ema if self.ema else self.model
-        val = evaluate(evaluated, self.val_loader, self.loss_fn, self.metric, self.device, self.autocast,
-                       self.t.channels_last)
+        sync_buffers(self.model)
+        with self.ema.evaluated(self.model) if self.ema else nullcontext(self.model) as evaluated:
+            val = evaluate(evaluated, self.val_loader, self.loss_fn, self.metric, self.device, self.autocast,
+                           self.t.channels_last)
         steps = self.steps_per_epoch
         seconds = self.epoch_seconds
         row = {"epoch": self.epoch + 1, "step": self.global_step, "train_loss": self.epoch_loss / (steps * self.world),
@@ -377,9 +336,11 @@ class Loop:
 
 def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, metric: Metric,
         train_set: Dataset, val_set: Dataset, batch: BatchPlan, trainer: TrainerConfig, device: torch.device,
-        run_dir: Path | None = None, seed: int = 0, num_workers: int = 0, config_yaml: str = "") -> FitResult:
-    """Train for `trainer.epochs` epochs (resuming per `trainer.resume`); rank 0 writes under `run_dir`."""
+        run_dir: Path | None = None, seed: int = 0, num_workers: int = 0, config_yaml: str = "",
+        strategy: Strategy | None = None) -> FitResult:
+    """Train for `trainer.epochs` epochs (resuming per `trainer.resume`); rank 0 writes under `run_dir`.
+    `strategy`: the one the model was built with (harness.strategy.choose); else trainer.strategy's."""
     loop = Loop(model=model, optimizer=optimizer, loss_fn=loss_fn, metric=metric, train_set=train_set,
                 val_set=val_set, batch=batch, trainer=trainer, device=device, run_dir=run_dir, seed=seed,
-                num_workers=num_workers, config_yaml=config_yaml)
+                num_workers=num_workers, config_yaml=config_yaml, strategy=strategy)
     return loop.run()

@@ -13,7 +13,7 @@ import os
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from harness import engine, rundir, watchdog
+from harness import engine, rundir, strategy, watchdog
 from harness.batching import plan_batch
 from harness.config import to_config
 from harness.data.cache import fetch_configured
@@ -44,8 +44,9 @@ def run_job(cfg: DictConfig, *, run_id: str | None = None) -> engine.FitResult:
             train_set = instantiate(cfg.data.dataset, path=path, split="train")
             val_set = instantiate(cfg.data.dataset, path=path, split="val")
 
-        seed_everything(c.seed)  # the same initial weights on every rank
-        model = instantiate(cfg.model).to(s.device)
+        how = strategy.choose(c.trainer.strategy, s.world_size, c.trainer.fsdp, c.trainer.amp)
+        seed_everything(c.seed)  # the same initial weights on every rank, and for every strategy
+        model = how.build(lambda: instantiate(cfg.model), s.device)
         optimizer = instantiate(cfg.optim, params=model.parameters())
         loss_fn = instantiate(cfg.loss)
         metric = instantiate(cfg.metric)
@@ -53,5 +54,5 @@ def run_job(cfg: DictConfig, *, run_id: str | None = None) -> engine.FitResult:
         return engine.fit(model=model, optimizer=optimizer, loss_fn=loss_fn, metric=metric,
                           train_set=train_set, val_set=val_set, batch=batch, trainer=c.trainer,
                           device=s.device, run_dir=s.run_dir, seed=c.seed, num_workers=c.data.num_workers,
-                          config_yaml=config_yaml)
+                          config_yaml=config_yaml, strategy=how)
 

@@ -1,6 +1,8 @@
 """Resume on another world size, and bit for bit on the same one, with real processes: gloo workers
 started by `python -m harness.train device=cpu dist.nproc=N`, the same run id finding the same run
-directory (as in test_resilience.py).
+directory (as in test_resilience.py). Every test runs for both strategies: ddp (whole checkpoints
+written by rank 0) and fsdp (sharded checkpoints, written by every rank and resharded on load; at
+one process fsdp runs on a one-rank mesh).
 
 Where a run stops is made deterministic: a reference run saves every 5 steps and keeps every entry,
 and "the run stopped at step K" is a copy of its directory as a run stopped right after its step-K
@@ -82,16 +84,21 @@ def check_resumed(run_dir: Path, step: int, nproc: int, saved_on: int) -> None:
     assert sorted(d) == list(range(nproc)) and len(set(d.values())) == 1  # the same weights on every rank
 
 
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def strategy(request: pytest.FixtureRequest) -> str:
+    return f"trainer.strategy={request.param}"
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reference(tmp_path_factory: pytest.TempPathFactory, strategy: str) -> Path:
     """The uninterrupted 2-rank run."""
-    return trained(tmp_path_factory.mktemp("ref"), "ref", 2)
+    return trained(tmp_path_factory.mktemp("ref"), "ref", 2, strategy)
 
 
-def test_two_to_three_to_two_ranks(tmp_path: Path, reference: Path) -> None:
+def test_two_to_three_to_two_ranks(tmp_path: Path, reference: Path, strategy: str) -> None:
     # 2 -> 3: stopped in epoch 2 (6 of its 14 global batches done), resumed on 3 ranks
     run_dir = stopped_at(reference, tmp_path, "three", 20)
-    trained(tmp_path, "three", 3)
+    trained(tmp_path, "three", 3, strategy)
     check_resumed(run_dir, 20, nproc=3, saved_on=2)
     diff, rel = compare(run_dir, reference)
     print(f"2 -> 3 ranks: max |diff| {diff:.3g}, max relative {rel:.3g}")
@@ -99,24 +106,25 @@ def test_two_to_three_to_two_ranks(tmp_path: Path, reference: Path) -> None:
     # 3 -> 2: from the step-30 checkpoint those 3 ranks wrote (epoch 3, 2 of 14 done), back on 2 ranks
     assert checkpoint.load(run_dir / "checkpoints" / entry_name(30))["meta"]["world_size"] == 3
     back = stopped_at(run_dir, tmp_path, "two", 30)
-    trained(tmp_path, "two", 2)
+    trained(tmp_path, "two", 2, strategy)
     check_resumed(back, 30, nproc=2, saved_on=3)
     diff, rel = compare(back, reference)
     print(f"3 -> 2 ranks: max |diff| {diff:.3g}, max relative {rel:.3g}")
     assert_no_process_left(str(tmp_path))
 
 
-def test_two_to_one_rank(tmp_path: Path, reference: Path) -> None:
+def test_two_to_one_rank(tmp_path: Path, reference: Path, strategy: str) -> None:
     run_dir = stopped_at(reference, tmp_path, "one", 35)  # epoch 3, 7 of 14 done
-    trained(tmp_path, "one", 1)
+    trained(tmp_path, "one", 1, strategy)
     check_resumed(run_dir, 35, nproc=1, saved_on=2)
     diff, rel = compare(run_dir, reference)
     print(f"2 -> 1 rank: max |diff| {diff:.3g}, max relative {rel:.3g}")
 
 
-def test_a_world_size_that_does_not_divide_the_global_batch_is_refused(tmp_path: Path, reference: Path) -> None:
+def test_a_world_size_that_does_not_divide_the_global_batch_is_refused(tmp_path: Path, reference: Path,
+                                                                      strategy: str) -> None:
     run_dir = stopped_at(reference, tmp_path, "five", 20)
-    proc = train(tmp_path, "five", 5)
+    proc = train(tmp_path, "five", 5, strategy)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert re.search(r"error: data.batch_size=96 .* world size 5 .*world sizes that keep it \(as resuming a run "
                      r"must\): 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 96", proc.stderr), proc.stderr
@@ -124,8 +132,8 @@ def test_a_world_size_that_does_not_divide_the_global_batch_is_refused(tmp_path:
     assert not (run_dir / "logs").exists()
 
 
-def test_same_world_size_is_bit_exact_with_dropout_and_early_stopping(tmp_path: Path) -> None:
-    extra = ("model.dropout=0.3", "trainer.patience=2", "trainer.amp=off")
+def test_same_world_size_is_bit_exact_with_dropout_and_early_stopping(tmp_path: Path, strategy: str) -> None:
+    extra = ("model.dropout=0.3", "trainer.patience=2", "trainer.amp=off", strategy)
     reference = trained(tmp_path / "ref", "ref", 2, *extra)
     run_dir = stopped_at(reference, tmp_path / "run", "job", 25)  # epoch 2, 11 of 14 done
     trained(tmp_path / "run", "job", 2, *extra)

@@ -4,7 +4,8 @@ The loop hands over its stateful parts once (model, optimizer, schedule, GradSca
 stopping, sampler, progress counters, every rank's RNG), each with `state_dict` / `load_state_dict`
 (torchtitan's `Stateful` pattern); the checkpointer never reaches into them. Every rank calls `save`
 and `restore` (the RNG part gathers over ranks; rank 0 chooses the file so that all ranks load the
-same one); rank 0 writes.
+same one); rank 0 writes. Parts named `sharded` (FSDP's model, optimizer and EMA) are written by
+every rank into the same entry and loaded back resharded to this run's world size (sharded.py).
 
 Resume (`trainer.resume`): `auto` tries the run directory's entries, newest first, and falls back
 past unreadable ones with a warning naming both; it fails only when none is valid, naming every file
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from harness.checkpoint import format as fmt
+from harness.checkpoint import sharded as shards
 from harness.checkpoint.format import CheckpointError, Stateful
 from harness.checkpoint.store import Store, resolve
 from harness.logs import get_logger
@@ -29,10 +31,11 @@ from harness.logs import get_logger
 
 class Checkpointer:
     def __init__(self, parts: dict[str, Stateful], *, directory: Path | None, rank: int, world_size: int,
-                 keep: int, config: str, device: torch.device) -> None:
+                 keep: int, config: str, device: torch.device, sharded: tuple[str, ...] = ()) -> None:
         if keep < 1:
             raise ValueError(f"keep={keep}: at least the newest checkpoint must be kept")
         self.parts, self.rank, self.world_size, self.keep = parts, rank, world_size, keep
+        self.sharded = tuple(name for name in sharded if name in parts)
         self.store = Store(directory) if directory is not None else None
         self.config, self.device = config, device
         self.log = get_logger()
@@ -40,11 +43,36 @@ class Checkpointer:
     def save(self, *, best: bool, metrics: dict[str, float]) -> Path | None:
         """Every rank calls this at a step boundary; rank 0 writes an entry. Returns it (rank 0)."""
         states = {name: part.state_dict() for name, part in self.parts.items()}  # rng: a collective
-        if self.rank != 0 or self.store is None:
+        if self.store is None:
             return None
-        state = fmt.pack(states, world_size=self.world_size, metrics=metrics, config=self.config)
-        entry = self.store.commit(states["progress"]["step"], lambda d: fmt.write(state, d / fmt.STATE_FILE),
-                                  best=best)
+        sharded = {name: states.pop(name) for name in self.sharded}
+        state = fmt.pack(states, world_size=self.world_size, metrics=metrics, config=self.config,
+                         sharded=self.sharded)
+        step = states["progress"]["step"]
+        if sharded:
+            return self._save_sharded(step, state, sharded, best=best)
+        if self.rank != 0:
+            return None
+        entry = self.store.commit(step, lambda d: fmt.write(state, d / fmt.STATE_FILE), best=best)
+        self.store.prune(self.keep)
+        return entry
+
+    def _save_sharded(self, step: int, state: dict[str, Any], sharded: dict[str, Any], *, best: bool) -> Path | None:
+        """Rank 0 makes the partial entry; every rank writes its shards there; rank 0 finishes it."""
+        assert self.store is not None
+        partial = self.store.begin(step) if self.rank == 0 else self.store.partial(step)
+        if self.world_size > 1:
+            dist.barrier()  # the partial entry exists (and no stale one will be removed under a writer)
+        try:
+            shards.save(sharded, partial)  # returns on rank 0 once every rank's files and the index are written
+            if self.rank != 0:
+                return None
+            fmt.write(state, partial / fmt.STATE_FILE)
+        except BaseException:
+            if self.rank == 0:
+                self.store.abandon(partial)
+            raise
+        entry = self.store.finish(step, partial, best=best)
         self.store.prune(self.keep)
         return entry
 
@@ -107,6 +135,20 @@ class Checkpointer:
         return path, state
 
     def _load(self, path: Path, state: dict[str, Any]) -> None:
+        saved_sharded = fmt.sharded_parts(state)
+        if bool(saved_sharded) != bool(self.sharded):
+            kinds = ("sharded (trainer.strategy=fsdp)", "whole (trainer.strategy=ddp or auto)")
+            raise CheckpointError(f"checkpoint {path} was saved {kinds[0] if saved_sharded else kinds[1]}, and this "
+                                  f"run is {kinds[0] if self.sharded else kinds[1]}: resume with the strategy it was "
+                                  f"saved with, or start over with trainer.resume=never")
+        templates = {name: self.parts[name].state_dict() for name in saved_sharded if name in self.sharded}
+        if templates:
+            try:
+                shards.load(templates, path.parent)  # resharded to this world size, in place
+            except Exception as exc:
+                raise CheckpointError(f"checkpoint {path.parent / fmt.SHARDS} cannot be loaded: "
+                                      f"{type(exc).__name__}: {exc}") from exc
+            state = {**state, **templates}
         for name, part in self.parts.items():
             if name not in state:
                 if self.rank == 0:

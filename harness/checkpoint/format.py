@@ -5,7 +5,8 @@ lists and dicts of them; the config is YAML text), so loading never unpickles ar
 
     format          "harness-checkpoint-2"
     meta            {"world_size", "metrics" (the last epoch's row), "config" (YAML), "torch",
-                     "written_as": the format the file was written in (a migrated file says so)}
+                     "written_as": the format the file was written in (a migrated file says so),
+                     "sharded": the parts kept in the entry's shards/ instead (FSDP; sharded.py)}
     model ... rng   one entry per part (PARTS), each what that part's `state_dict()` returned
 
 The parts own their contents (`Stateful`: `state_dict` / `load_state_dict`); this module owns which
@@ -26,6 +27,7 @@ from harness import atomic
 FORMAT = "harness-checkpoint-2"
 LEGACY_FORMAT = "harness-checkpoint-1"
 STATE_FILE = "state.pt"  # in each entry directory: what rank 0 writes (all of it, for DDP)
+SHARDS, METADATA = "shards", ".metadata"  # the sharded parts' directory (FSDP) and DCP's index in it
 
 # every part a checkpoint may hold; the first four are in every checkpoint
 REQUIRED = ("model", "optimizer", "scheduler", "progress")
@@ -46,13 +48,14 @@ class Stateful(Protocol):
 
 
 def pack(parts: dict[str, dict[str, Any]], *, world_size: int, metrics: dict[str, float],
-         config: str) -> dict[str, Any]:
+         config: str, sharded: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The state file's contents: `parts` (replicated) plus meta; `sharded` names the parts in shards/."""
     unknown = sorted(set(parts) - set(PARTS))
-    missing = [name for name in REQUIRED if name not in parts]
+    missing = [name for name in REQUIRED if name not in parts and name not in sharded]
     if unknown or missing:
         raise ValueError(f"checkpoint parts: unknown {unknown}, missing {missing}; the parts are {', '.join(PARTS)}")
     meta = {"world_size": world_size, "metrics": dict(metrics), "config": config, "torch": str(torch.__version__),
-            "written_as": FORMAT}
+            "written_as": FORMAT, "sharded": list(sharded)}
     return {"format": FORMAT, "meta": meta, **parts}
 
 
@@ -75,11 +78,20 @@ def read(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     elif version != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a harness checkpoint (format {version!r}; this harness "
                               f"reads {FORMAT} and {LEGACY_FORMAT})")
-    missing = [k for k in (*REQUIRED, "meta") if k not in raw]
+    sharded = sharded_parts(raw)
+    missing = [k for k in (*REQUIRED, "meta") if k not in raw and k not in sharded]
+    if sharded and not (path.parent / SHARDS / METADATA).is_file():
+        missing.append(f"{SHARDS}/{METADATA}")
     missing += [f"progress.{k}" for k in PROGRESS_KEYS if "progress" in raw and k not in raw["progress"]]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: no {', '.join(missing)}")
     return raw
+
+
+def sharded_parts(state: dict[str, Any]) -> list[str]:
+    """The parts a checkpoint keeps in its shards/ (none for DDP and single-process checkpoints)."""
+    meta = state.get("meta")
+    return list(meta.get("sharded", [])) if isinstance(meta, dict) else []
 
 
 def _reason(exc: BaseException) -> str:

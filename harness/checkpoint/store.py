@@ -7,13 +7,13 @@
       superseded/               entries set aside by a resume from an earlier point (never deleted here)
       last.pt, best.pt          harness-checkpoint-1 files of older runs: read, never written
 
-A save fills `.step-N.partial/`, renames it to `step-N/` (so an entry exists only whole), then
-replaces `latest` (and `best`): a crash at any point leaves the previous entry, and a pointer that
-names a whole entry or none (resume then takes the newest entry there is). Only then are older
-entries pruned, down to the `keep` newest plus `best`. An entry is a directory so that a sharded
-writer (FSDP through torch.distributed.checkpoint, one file per rank) fills the same partial
-directory from every rank and rank 0 commits it after a barrier: the pointers, the pruning and the
-fallback stay as they are. Pure file handling: no torch.
+A save fills `.step-N.partial/` (`begin`, the writers, `finish`), renames it to `step-N/` (so an
+entry exists only whole), then replaces `latest` (and `best`): a crash at any point leaves the
+previous entry, and a pointer that names a whole entry or none (resume then takes the newest entry
+there is). Only then are older entries pruned, down to the `keep` newest plus `best`. An entry is a
+directory so that a sharded writer (FSDP through torch.distributed.checkpoint, one file per rank:
+sharded.py) fills the same partial directory from every rank and rank 0 finishes it: the pointers,
+the pruning and the fallback are the same for both kinds. Pure file handling: no torch.
 """
 
 from __future__ import annotations
@@ -83,17 +83,34 @@ class Store:
 
     def commit(self, step: int, write: Callable[[Path], None], *, best: bool) -> Path:
         """Write an entry for `step` through `write(partial_directory)`, put it in place, point to it."""
-        name = entry_name(step)
-        final, partial = self.root / name, self.root / f".{name}.partial"
-        self.root.mkdir(parents=True, exist_ok=True)
-        for stale in [*self.root.glob(".step-*.partial"), *self.root.glob(".step-*.replaced")]:
-            shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed
-        partial.mkdir()
+        partial = self.begin(step)
         try:
             write(partial)
         except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
+            self.abandon(partial)
             raise
+        return self.finish(step, partial, best=best)
+
+    def partial(self, step: int) -> Path:
+        """Where the entry for `step` is filled before it is put in place (every writer's target)."""
+        return self.root / f".{entry_name(step)}.partial"
+
+    def begin(self, step: int) -> Path:
+        """An empty partial entry for `step` (one writer: rank 0; other ranks fill it after it exists)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in [*self.root.glob(".step-*.partial"), *self.root.glob(".step-*.replaced")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed
+        partial = self.partial(step)
+        partial.mkdir()
+        return partial
+
+    def abandon(self, partial: Path) -> None:
+        shutil.rmtree(partial, ignore_errors=True)
+
+    def finish(self, step: int, partial: Path, *, best: bool) -> Path:
+        """Put the filled `partial` in place as the entry for `step`; point `latest` (and `best`) to it."""
+        name = entry_name(step)
+        final = self.root / name
         replaced = None
         if final.exists():  # the same step saved again (mid-epoch, then at the end of the epoch)
             replaced = self.root / f".{name}.replaced"

@@ -4,8 +4,9 @@
     python -m harness.checkpoint export <run dir | ... | file> <model.pt> [--ema]
 
 `export` writes the model's plain state dict (the bare module's keys, no DDP `module.` prefix, CPU
-tensors), which `torch.load(path, weights_only=True)` reads in one process with no process group:
-for inference and YOLOv5-style tools. From a run directory it takes the checkpoint resume would take.
+tensors; a sharded checkpoint's shards gathered into full tensors, in this one process), which
+`torch.load(path, weights_only=True)` reads in one process with no process group: for inference
+and YOLOv5-style tools. From a run directory it takes the checkpoint resume would take.
 Exit codes: 0; 1 when no checkpoint is valid; 2 for a path that holds no checkpoint.
 """
 
@@ -21,6 +22,7 @@ import torch
 
 from harness import atomic
 from harness.checkpoint import format as fmt
+from harness.checkpoint import sharded
 from harness.checkpoint.format import CheckpointError
 from harness.checkpoint.store import BEST, LATEST, Store, resolve, size_of
 
@@ -35,9 +37,11 @@ def _describe(path: Path) -> dict[str, Any]:
     except CheckpointError as exc:
         return {**row, "valid": False, "error": str(exc)}
     progress, meta = state["progress"], state["meta"]
+    shards = fmt.sharded_parts(state)
     return {**row, "valid": True, "format": meta["written_as"], "epoch": progress["epoch"],
             "step": progress["step"], "step_in_epoch": progress["step_in_epoch"], "world_size": meta["world_size"],
-            "metrics": meta["metrics"], "parts": [name for name in fmt.PARTS if name in state]}
+            "metrics": meta["metrics"], "parts": [name for name in fmt.PARTS if name in state or name in shards],
+            "sharded": shards}
 
 
 def info(target: str | Path) -> list[dict[str, Any]]:
@@ -56,9 +60,14 @@ def export_model(source: str | Path, dest: str | Path, *, ema: bool = False) -> 
     if not files:
         raise FileNotFoundError(f"{source}: no checkpoint there")
     path, state, _ = fmt.first_valid(files)
-    if ema and "ema" not in state:
+    part = "ema" if ema else "model"
+    shards = fmt.sharded_parts(state)
+    if ema and "ema" not in state and "ema" not in shards:
         raise CheckpointError(f"checkpoint {path} has no EMA (the run had trainer.ema=false); export without --ema")
-    weights = state["ema"]["ema"] if ema else state["model"]
+    if part in shards:
+        weights = sharded.read_full(path.parent, "ema.ema" if ema else "model")
+    else:
+        weights = state["ema"]["ema"] if ema else state["model"]
     plain = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     with atomic.open_atomic(Path(dest), "wb") as f:
         torch.save(plain, f)
@@ -67,11 +76,15 @@ def export_model(source: str | Path, dest: str | Path, *, ema: bool = False) -> 
 
 def load(target: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The checkpoint a path means (run directory, checkpoints/, entry, pointer or file): the first
-    valid one in the order resume tries them."""
+    valid one in the order resume tries them. A sharded checkpoint's model comes gathered into full
+    tensors (on the CPU); its optimizer and EMA stay in the entry's shards/."""
     files = resolve(Path(target))
     if not files:
         raise CheckpointError(f"{target}: no checkpoint there")
-    return fmt.first_valid(files, map_location=map_location)[1]
+    path, state, _ = fmt.first_valid(files, map_location=map_location)
+    if "model" in fmt.sharded_parts(state):
+        state["model"] = sharded.read_full(path.parent, "model")
+    return state
 
 
 def _text(row: dict[str, Any]) -> str:
@@ -83,8 +96,10 @@ def _text(row: dict[str, Any]) -> str:
     position = f"epoch {row['epoch']} done"
     if row["step_in_epoch"]:
         position += f" + {row['step_in_epoch']} global batches"
+    shards = f" (sharded: {', '.join(row['sharded'])})" if row["sharded"] else ""
     return (f"{head}\n  valid {row['format']}, {row['size'] / 1024:.0f} KiB; {position}, step {row['step']}, "
-            f"world size {row['world_size']}\n  parts: {', '.join(row['parts'])}\n  metrics: {metrics or '-'}")
+            f"world size {row['world_size']}\n  parts: {', '.join(row['parts'])}{shards}\n"
+            f"  metrics: {metrics or '-'}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,9 @@ world size, and `load_state_dict` refuses a checkpoint from another sequence ins
 with samples the run never meant.
 
 Evaluation: `ShardSampler` gives rank r the indices r, r + world, ... with no padding, so summed
-metrics count every sample exactly once.
+metrics count every sample exactly once. With `pad` (sharded models, where every forward is a
+collective) every rank gets as many indices: a short shard is topped up with sample 0 (at most once),
+which comes last and which `real` leaves out (harness/evaluate.py masks them).
 """
 
 from __future__ import annotations
@@ -68,11 +70,12 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
 
 class ShardSampler(Sampler[int]):
-    def __init__(self, n: int, *, rank: int = 0, world_size: int = 1) -> None:
-        self.n, self.rank, self.world_size = n, rank, world_size
+    def __init__(self, n: int, *, rank: int = 0, world_size: int = 1, pad: bool = False) -> None:
+        self.n, self.rank, self.world_size, self.pad = n, rank, world_size, pad
+        self.real = len(range(rank, n, world_size))  # this rank's own samples; the rest is padding
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world_size))
+        return -(-self.n // self.world_size) if self.pad else self.real
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.n, self.world_size))
+        return iter([*range(self.rank, self.n, self.world_size), *[0] * (len(self) - self.real)])

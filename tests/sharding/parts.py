@@ -1,0 +1,56 @@
+"""Parts for the sharded-training tests (tests/test_fsdp.py, tests/test_strategy.py).
+
+Workers import them by `_target_` (the tests put the repository on PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from harness.data.datasets import Digits
+
+
+class FewDigits(Digits):
+    """The digits with only the first `val_samples` validation samples (a count that does not divide)."""
+
+    def __init__(self, path: str | Path, split: str = "train", val_samples: int = 65) -> None:
+        super().__init__(path, split)
+        if split == "val":
+            self.images, self.labels = self.images[:val_samples], self.labels[:val_samples]
+
+
+class Tower(nn.Module):
+    """`depth` blocks of Linear-LayerNorm-ReLU, ~`depth` x width^2 parameters: big enough to shard."""
+
+    def __init__(self, width: int = 1024, depth: int = 8, in_features: int = 64, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Linear(in_features, width)
+        self.blocks = nn.Sequential(*[Block(width) for _ in range(depth)])
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x.flatten(1))))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc, self.norm = nn.Linear(width, width), nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.norm(self.fc(x))) + x
+
+
+class Scaled(nn.Module):
+    """A model with a parameter of its own and no reset_parameters(): FSDP's meta build refuses it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+        self.scale = nn.Parameter(torch.ones(10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1)) * self.scale
