@@ -43,3 +43,28 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class Tower(nn.Module):
+    """Linear stem, `depth` residual blocks (Linear -> LayerNorm -> ReLU), linear head: about
+    depth x width^2 parameters (12.7M at the defaults), for the sharded-training tests and bench."""
+
+    def __init__(self, width: int = 1024, depth: int = 12, in_features: int = 64, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Linear(in_features, width)
+        self.blocks = nn.Sequential(*[TowerBlock(width) for _ in range(depth)])
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x.flatten(1))))
+
+
+class TowerBlock(nn.Module):
+    """x + relu(norm(fc(x))): the unit `trainer.fsdp.wrap=[TowerBlock]` shards on its own."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc, self.norm = nn.Linear(width, width), nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(self.norm(self.fc(x)))

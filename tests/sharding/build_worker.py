@@ -15,10 +15,9 @@ import torch.distributed as dist
 
 from harness import dist as hdist
 from harness.config import FsdpConfig
-from harness.models import SmallCNN
+from harness.models import SmallCNN, Tower
 from harness.runtime import seed_everything
 from harness.strategy import choose
-from tests.sharding.parts import Tower
 
 
 def check(name: str, make, fsdp: FsdpConfig) -> dict:
@@ -39,7 +38,7 @@ def check(name: str, make, fsdp: FsdpConfig) -> dict:
 def main() -> None:
     dist.init_process_group("gloo")
     rows = [check("SmallCNN", SmallCNN, FsdpConfig(min_params=1000)),
-            check("Tower", lambda: Tower(width=256, depth=4), FsdpConfig(wrap=["Block"])),
+            check("Tower", lambda: Tower(width=256, depth=4), FsdpConfig(wrap=["TowerBlock"])),
             check("Tower-by-size", lambda: Tower(width=256, depth=4), FsdpConfig())]
     if dist.get_rank() == 0:
         for row in rows:

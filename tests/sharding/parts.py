@@ -22,28 +22,6 @@ class FewDigits(Digits):
             self.images, self.labels = self.images[:val_samples], self.labels[:val_samples]
 
 
-class Tower(nn.Module):
-    """`depth` blocks of Linear-LayerNorm-ReLU, ~`depth` x width^2 parameters: big enough to shard."""
-
-    def __init__(self, width: int = 1024, depth: int = 8, in_features: int = 64, num_classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Linear(in_features, width)
-        self.blocks = nn.Sequential(*[Block(width) for _ in range(depth)])
-        self.head = nn.Linear(width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x.flatten(1))))
-
-
-class Block(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.fc, self.norm = nn.Linear(width, width), nn.LayerNorm(width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.norm(self.fc(x))) + x
-
-
 class Scaled(nn.Module):
     """A model with a parameter of its own and no reset_parameters(): FSDP's meta build refuses it."""
 
