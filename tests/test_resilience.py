@@ -1,5 +1,6 @@
 """Faults with real processes: preemption and requeue, a SIGKILLed worker under elastic restarts,
-SIGTERM. Each interrupted run must end with the weights of the run that never stopped."""
+SIGTERM. Each interrupted run must end with the weights of the run that never stopped. Preemption
+and the killed worker run for both strategies (ddp, fsdp: sharded checkpoints)."""
 
 from __future__ import annotations
 
@@ -50,17 +51,23 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def strategy(request: pytest.FixtureRequest) -> str:
+    return f"trainer.strategy={request.param}"
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, strategy: str) -> Path:
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    rc, out = finish(start(tmp, "ref"))
+    rc, out = finish(start(tmp, "ref", strategy))
     assert rc == 0, out
     return tmp / "runs" / "ref"
 
 
-def test_preempted_run_requeues_and_ends_with_the_same_weights(tmp_path: Path, uninterrupted: Path) -> None:
+def test_preempted_run_requeues_and_ends_with_the_same_weights(tmp_path: Path, uninterrupted: Path,
+                                                               strategy: str) -> None:
     run_dir = tmp_path / "runs" / "job"
-    proc = start(tmp_path, "job")
+    proc = start(tmp_path, "job", strategy)
     wait_for_step(run_dir / "train.log", 5, proc)
     proc.send_signal(signal.SIGUSR2)  # to the launcher only: it forwards to its workers
     rc, out = finish(proc)
@@ -70,7 +77,7 @@ def test_preempted_run_requeues_and_ends_with_the_same_weights(tmp_path: Path, u
     assert 0 < saved["step"] < 66 and saved["step"] % 2 == 0  # at an agreed step boundary
     assert_no_process_left(str(tmp_path))
 
-    rc, out = finish(start(tmp_path, "job"))  # the requeued job: same run id, resume=auto
+    rc, out = finish(start(tmp_path, "job", strategy))  # the requeued job: same run id, resume=auto
     assert rc == 0, out
     entry = run_dir / "checkpoints" / f"step-{saved['step']:08d}" / "state.pt"
     assert f"resumed from {entry}" in (run_dir / "train.log").read_text()
@@ -80,9 +87,9 @@ def test_preempted_run_requeues_and_ends_with_the_same_weights(tmp_path: Path, u
     assert digests(run_dir) == digests(uninterrupted)
 
 
-def test_killed_worker_is_restarted_and_resumes(tmp_path: Path, uninterrupted: Path) -> None:
+def test_killed_worker_is_restarted_and_resumes(tmp_path: Path, uninterrupted: Path, strategy: str) -> None:
     run_dir = tmp_path / "runs" / "job"
-    proc = start(tmp_path, "job", "dist.max_restarts=1", "trainer.save_every_steps=5")
+    proc = start(tmp_path, "job", strategy, "dist.max_restarts=1", "trainer.save_every_steps=5")
     wait_for_step(run_dir / "train.log", 12, proc)
     rank1 = (run_dir / "logs" / "rank1.log").read_text()
     pid = int(rank1.split(" pid ")[1].split(")")[0])

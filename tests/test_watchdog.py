@@ -139,10 +139,12 @@ def freeze_rank(run_dir: Path, rank: int, step: int, procs: list[Proc]) -> tuple
     return pid, time.time()
 
 
-@pytest.mark.parametrize("shape", ["launcher", "torchrun"])
+@pytest.mark.parametrize("shape", ["launcher", "torchrun", "launcher-fsdp"])
 def test_a_frozen_worker_is_named_fenced_and_every_process_leaves(shape: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "job"
-    proc = launch(tmp_path, "job", torchrun=shape == "torchrun")
+    # launcher-fsdp: the survivor waits inside FSDP's all-gathers and reduce-scatters, not DDP's all-reduce
+    proc = launch(tmp_path, "job", *(["trainer.strategy=fsdp"] if shape.endswith("fsdp") else []),
+                  torchrun=shape == "torchrun")
     other = rank_pid_when_up(run_dir, 0, proc)
     frozen, t0 = freeze_rank(run_dir, 1, 40, [proc])
     took = gone_after([frozen, other], [proc], t0)
@@ -153,7 +155,7 @@ def test_a_frozen_worker_is_named_fenced_and_every_process_leaves(shape: str, tm
     assert lost["kind"] == "dead" and lost["subject"]["rank"] == 1 and lost["subject"]["pid"] == frozen
     assert lost["time"] - t0 < DETECTED_WITHIN, lost
     line = f"rank 1 (pid {frozen} on {lost['subject']['host']}) lost at step"
-    if shape == "launcher":
+    if shape != "torchrun":
         assert proc.returncode == 4, out  # EXIT_PEER_LOST
         assert f"error: {line}" in out and "no heartbeat for" in out, out
         assert "Traceback" not in out, out

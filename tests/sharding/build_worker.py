@@ -1,7 +1,7 @@
 """A torchrun worker: build models through the fsdp strategy and compare them with a plain build.
 
 Prints one JSON line per model from rank 0: whether the gathered initial weights equal a plain
-construction's with the same seed (bit for bit), this rank's and the whole model's parameter
+construction's with the same seed (bit for bit), each rank's and the whole model's parameter
 count, and that the random generator ends where a plain construction leaves it.
 """
 
@@ -30,7 +30,8 @@ def check(name: str, make, fsdp: FsdpConfig) -> dict:
     full = sharded.state_dict()
     equal = all(torch.equal(getattr(full[k], "full_tensor", lambda v=full[k]: v)(), v)
                 for k, v in plain.state_dict().items())
-    local = sum(p.to_local().numel() for p in sharded.parameters())
+    local = [None] * dist.get_world_size()
+    dist.all_gather_object(local, sum(p.to_local().numel() for p in sharded.parameters()))
     return {"model": name, "equal": equal, "local": local, "total": sum(p.numel() for p in plain.parameters()),
             "rng_after": torch.equal(plain_next, sharded_next)}
 
