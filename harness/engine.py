@@ -165,9 +165,12 @@ class Loop:
                                        keep=self.t.keep_checkpoints, config=self.config_yaml, device=self.device,
                                        sharded=("model", "optimizer", "ema") if self.strategy.sharded else ())
 
-    def save(self, best: bool = False) -> None:
-        """Every rank calls this (RNG states are gathered); rank 0 writes. Never inside a micro-step."""
+    def save(self, best: bool = False, synced: bool = False) -> None:
+        """Every rank calls this (RNG states are gathered); rank 0 writes (and every rank its shards,
+        under fsdp). Never inside a micro-step. `synced`: the buffers are rank 0's already."""
         self.progress.phase = SAVE
+        if not synced:  # a sharded save may write any rank's copy of a buffer: make them all rank 0's
+            sync_buffers(self.model)
         self.checkpointer.save(best=best, metrics=self.result.last)
 
     def resume(self) -> None:
@@ -330,7 +333,7 @@ class Loop:
                 if key not in ("epoch", "step"):
                     self.board.add_scalar(key, value, global_step=row["epoch"])
             self.board.flush()
-        self.save(best=improved)
+        self.save(best=improved, synced=True)  # since evaluation, which changes no buffer
         return stop
 
 
