@@ -119,3 +119,20 @@ def test_a_sharded_entry_without_its_index_is_incomplete(tmp_path: Path) -> None
 def test_the_python_api_refuses_an_unsharded_model_for_fsdp() -> None:
     with pytest.raises(ConfigError, match="the model must be sharded before its optimizer is made"):
         choose("fsdp", 2).wrap(nn.Linear(2, 2), torch.device("cpu"))
+
+
+def test_the_toolbox_on_a_sharded_model_counts_it_whole_or_refuses_naming_export(capsys) -> None:
+    from harness import dist as hdist
+    from harness.utils.torch_utils import de_parallel, fuse_model, model_info, profile
+
+    try:
+        model = choose("fsdp", 1, FsdpConfig(min_params=1000)).build(SmallCNN, torch.device("cpu"))  # a 1-rank mesh
+        assert model_info(model)[1] == sum(p.numel() for p in SmallCNN().parameters())  # global sizes
+        assert de_parallel(model) is model
+        with pytest.raises(TypeError, match=r"fuse_model needs the whole model, and this FSDPSmallCNN is sharded "
+                                             r"\(trainer.strategy=fsdp\): export the checkpoint"):
+            fuse_model(model)
+        assert profile(torch.randn(2, 1, 8, 8), [model], n=1) == [None]
+        assert "profile needs the whole model" in capsys.readouterr().out
+    finally:
+        hdist.teardown()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from harness.utils.modules import require_whole
+
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
@@ -23,6 +25,7 @@ def fuse_conv_and_bn(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, bn: _BatchNorm) ->
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("cannot fuse a BatchNorm without running statistics (track_running_stats=False): "
                          "in eval mode it still normalises with batch statistics")
+    require_whole(conv, "fuse_conv_and_bn")
     if bn.num_features != conv.out_channels:
         raise ValueError(f"BatchNorm has {bn.num_features} features but the conv {conv.out_channels} outputs")
     w = conv.weight
@@ -57,6 +60,7 @@ def fuse_model(model: nn.Module) -> nn.Module:
       forward becomes `forward_fuse`).
     A conv whose output also feeds something else in between is never touched.
     """
+    require_whole(model, "fuse_model")
     for module in list(model.modules()):
         if isinstance(module, nn.Sequential):
             for conv_name, bn_name in _pairs_in_sequence(module):

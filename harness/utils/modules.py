@@ -26,6 +26,16 @@ def smart_inference_mode(torch_1_9: bool = True) -> Callable[[Fn], Fn]:
     return decorate
 
 
+def require_whole(model: nn.Module, what: str) -> None:
+    """Refuse a sharded model (FSDP: DTensor parameters) in `what`, which needs every weight whole."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise TypeError(f"{what} needs the whole model, and this {type(model).__name__} is sharded "
+                        f"(trainer.strategy=fsdp): export the checkpoint (python -m harness.checkpoint export RUN "
+                        f"model.pt) and load it into a plain model")
+
+
 def is_parallel(model: nn.Module) -> bool:
     """True for DataParallel and DistributedDataParallel wrappers."""
     return isinstance(model, (nn.parallel.DataParallel, nn.parallel.DistributedDataParallel))

@@ -18,6 +18,7 @@ from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
 from harness.utils.device import say, select_device, time_sync
+from harness.utils.modules import require_whole
 
 HEADER = (f"{'Params':>12s}{'GFLOPs':>12s}{'GPU_mem (GB)':>14s}{'forward (ms)':>14s}{'backward (ms)':>14s}"
           f"{'input':>24s}{'output':>24s}")
@@ -137,6 +138,13 @@ def profile(
         if x.is_floating_point():
             x.requires_grad_(True)
         for m in ops if isinstance(ops, list) else [ops]:
+            if isinstance(m, nn.Module):
+                try:
+                    require_whole(m, "profile")
+                except TypeError as exc:
+                    print(exc)
+                    results.append(None)
+                    continue
             m = m.to(device) if hasattr(m, "to") else m
             m = m.half() if hasattr(m, "half") and x.dtype is torch.float16 else m
             try:
