@@ -82,6 +82,19 @@ def test_fsdp_ends_with_the_weights_ddp_ends_with(case: str, tmp_path: Path) -> 
         assert not torch.equal(ea["net.1.weight"], a["model"]["net.1.weight"])
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_accumulating_two_micro_steps_end_where_one_process_does(strategy: str, tmp_path: Path) -> None:
+    # the same global batches; the non-final micro-step skips the gradient sync (DDP's no_sync, FSDP's
+    # set_requires_gradient_sync(False)) and the final one reduces the sum: the same mean gradient
+    job = ["model=mlp", "trainer.epochs=2", "data.batch_size=64"]
+    one = train(tmp_path, "one", 1, *job)
+    two = train(tmp_path, "two", 2, *job, "trainer.accumulate=2", f"trainer.strategy={strategy}")
+    assert "2 rank(s) x 2 micro-step(s) x 16 samples" in (two / "train.log").read_text()
+    a, b = checkpoint.load(two)["model"], checkpoint.load(one)["model"]
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(("nproc", "batch"), [(2, 64), (3, 63)])
 def test_65_validation_samples_are_each_counted_once_and_no_rank_waits(nproc: int, batch: int,
                                                                         tmp_path: Path) -> None:
