@@ -57,6 +57,7 @@ class DataConfig:
 
 AMP_MODES = ("off", "bf16", "fp16")
 STRATEGIES = ("auto", "ddp", "fsdp")
+MONITOR_MODES = ("auto", "max", "min")
 
 
 @dataclass
@@ -90,7 +91,9 @@ class TrainerConfig:
     ema: bool = False  # keep an EMA of the weights (ModelEMA); evaluated and saved
     ema_decay: float = 0.9999  # EMA decay after its ramp
     ema_tau: float = 2000.0  # optimizer steps over which the EMA decay ramps up
-    patience: int = 0  # early stopping: epochs without a better val metric; 0 = never stop early
+    patience: int = 0  # early stopping: epochs without a better `monitor` value; 0 = never stop early
+    monitor: str = ""  # the metrics-row key that decides best.pt and early stopping; "" = the val metric
+    monitor_mode: str = "auto"  # max | min | auto: min for a key with "loss" in it, else max
     sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA only)
     channels_last: bool = False  # NHWC memory format for 4-D inputs and the model
     compile: bool = False  # torch.compile the model
@@ -117,7 +120,7 @@ class TrainerConfig:
         if self.grad_clip < 0:
             raise ConfigError(f"trainer.grad_clip={self.grad_clip} must be >= 0 (0 = off)")
         for key, valid in (("amp", AMP_MODES), ("lr_schedule", LR_SCHEDULES), ("logger", LOGGERS),
-                           ("strategy", STRATEGIES)):
+                           ("strategy", STRATEGIES), ("monitor_mode", MONITOR_MODES)):
             if getattr(self, key) not in valid:
                 raise ConfigError(f"trainer.{key}={getattr(self, key)!r} is not one of {', '.join(valid)}")
         if not 0.0 <= self.ema_decay < 1.0:

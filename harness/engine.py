@@ -116,7 +116,9 @@ class Loop:
             self.forward = torch.compile(self.forward, backend=trainer.compile_backend)  # type: ignore[assignment]
         self.optimizer = optimizer
         self.ema = self.strategy.ema(model, trainer.ema_decay, trainer.ema_tau) if trainer.ema else None
-        self.stopper = EarlyStopping(patience=trainer.patience) if trainer.patience else None
+        self.monitor, self.maximize = _monitor(trainer, self.metric_name)
+        self.stopper = EarlyStopping(patience=trainer.patience, mode="max" if self.maximize else "min") \
+            if trainer.patience else None
         amp = AMP_DTYPES.get(trainer.amp)
         self.autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
         self.fp16 = trainer.amp == "fp16"
@@ -141,7 +143,7 @@ class Loop:
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.epoch_loss = 0.0  # this epoch's summed loss over the steps already taken (all ranks)
         self.epoch_seconds = 0.0  # wall time of the last train_epoch
-        self.best = float("-inf")
+        self.best = float("-inf") if self.maximize else float("inf")  # the best `monitor` value so far
         self.result = FitResult()
         self.pending_rng: dict[str, Any] | None = None
         self.progress = watchdog.progress()  # where this rank is, for the liveness watchdog: set, never read
@@ -314,17 +316,18 @@ class Loop:
                            self.t.channels_last)
         steps = self.steps_per_epoch
         seconds = self.epoch_seconds
-        row = {"epoch": self.epoch + 1, "step": self.global_step, "train_loss": self.epoch_loss / (steps * self.world),
-               "val_loss": val["val_loss"], f"val_{self.metric_name}": val["val_metric"],
-               "val_samples": int(val["val_samples"]), "lr": self.optimizer.param_groups[0]["lr"],
-               "epoch_time": seconds, "samples_per_s": steps * self.batch.global_batch / max(seconds, 1e-9)}
+        values = (self.epoch + 1, self.global_step, self.epoch_loss / (steps * self.world), val["val_loss"],
+                  val["val_metric"], int(val["val_samples"]), self.optimizer.param_groups[0]["lr"], seconds,
+                  steps * self.batch.global_batch / max(seconds, 1e-9))
+        row = dict(zip(row_keys(self.metric_name), values, strict=True))
         self.result.history.append(row)
         self.log.info(f"epoch {self.epoch + 1}/{self.t.epochs}: train_loss {row['train_loss']:.4f} "
                       f"val_loss {val['val_loss']:.4f} val_{self.metric_name} {val['val_metric']:.4f} "
                       f"({int(val['val_samples'])} samples) {seconds:.2f}s")
-        improved = val["val_metric"] > self.best
-        self.best = max(self.best, val["val_metric"])
-        stop = self.stopper(self.epoch + 1, val["val_metric"]) if self.stopper else False
+        value = row[self.monitor]
+        improved = value > self.best if self.maximize else value < self.best
+        self.best = max(self.best, value) if self.maximize else min(self.best, value)
+        stop = self.stopper(self.epoch + 1, value) if self.stopper else False
         self.epoch, self.step_in_epoch, self.epoch_loss = self.epoch + 1, 0, 0.0
         if self.metrics is not None:
             self.metrics.write(row)
@@ -335,6 +338,23 @@ class Loop:
             self.board.flush()
         self.save(best=improved, synced=True)  # since evaluation, which changes no buffer
         return stop
+
+
+def row_keys(metric_name: str) -> tuple[str, ...]:
+    """The keys of the per-epoch metrics row (`Loop.end_epoch` builds it in this order)."""
+    return ("epoch", "step", "train_loss", "val_loss", f"val_{metric_name}", "val_samples", "lr", "epoch_time",
+            "samples_per_s")
+
+
+def _monitor(trainer: TrainerConfig, metric_name: str) -> tuple[str, bool]:
+    """trainer.monitor (checked against the row's keys) and whether higher is better."""
+    keys = row_keys(metric_name)
+    monitor = trainer.monitor or f"val_{metric_name}"
+    if monitor not in keys:
+        raise ConfigError(f"trainer.monitor={monitor!r} is not a key of the metrics row; the keys: {', '.join(keys)}")
+    if trainer.monitor_mode == "auto":
+        return monitor, "loss" not in monitor
+    return monitor, trainer.monitor_mode == "max"
 
 
 def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, metric: Metric,

@@ -174,3 +174,27 @@ def test_deterministic_mode_is_switched_on_for_the_run(tmp_path: Path) -> None:
 
     log = logging.getLogger("harness")  # the session gave the logger back as it found it
     assert log.handlers == [] and log.propagate and log.level == logging.NOTSET
+
+
+def test_monitor_a_loss_with_min_picks_best_and_stops_on_it(tmp_path: Path) -> None:
+    # at this learning rate the val loss is lowest at epoch 5 and the accuracy highest at epoch 6
+    _, result = _run(tmp_path, replace(BASE, epochs=6, monitor="val_loss", patience=1), lr=0.5)
+    losses = [row["val_loss"] for row in result.history]
+    accuracy = [row["val_accuracy"] for row in result.history]
+    assert losses.index(min(losses)) == 4 and accuracy.index(max(accuracy)) == 5, (losses, accuracy)
+    best = checkpoint.Store(tmp_path / "checkpoints").pointed("best")
+    assert checkpoint.info(best)[0]["epoch"] == 5  # auto mode: "loss" in the key means lower is better
+    assert checkpoint.load(best)["progress"]["best"] == min(losses)
+    assert result.stopped == "early"  # epoch 6 was worse than 5: patience 1 spent (accuracy would not stop)
+
+
+def test_monitor_mode_max_on_a_loss_and_an_unknown_key(tmp_path: Path) -> None:
+    _, result = _run(tmp_path / "a", replace(BASE, epochs=3, monitor="train_loss", monitor_mode="max"))
+    worst = [row["train_loss"] for row in result.history]
+    best = checkpoint.Store(tmp_path / "a" / "checkpoints").pointed("best")
+    assert checkpoint.info(best)[0]["epoch"] == worst.index(max(worst)) + 1  # as asked, even for a loss
+    with pytest.raises(ConfigError, match=r"trainer.monitor='val_acc' is not a key of the metrics row; the keys: "
+                                          r"epoch, step, train_loss, val_loss, val_accuracy, val_samples, lr"):
+        _run(tmp_path / "b", replace(BASE, monitor="val_acc"))
+    with pytest.raises(ConfigError, match=r"trainer.monitor_mode='lowest' is not one of auto, max, min"):
+        replace(BASE, monitor_mode="lowest")

@@ -1,5 +1,8 @@
 """`EarlyStopping`: stop when the fitness has not improved for `patience` epochs (YOLOv5's rule).
 
+`mode="max"` (YOLOv5's, the default): higher is better, starting from 0 (`>=`, so a run whose
+fitness is 0 in its first epochs starts); `mode="min"`: lower is better (a loss), starting from +inf.
+
 Under DDP every rank calls it with its own fitness, but the decision must be the same everywhere
 or ranks leave the loop at different epochs and the next collective hangs. So rank 0 decides and
 broadcasts its whole state (stop, best epoch, best fitness): every rank ends with rank 0's answer.
@@ -16,15 +19,20 @@ from harness.utils.device import say
 
 
 class EarlyStopping:
-    def __init__(self, patience: int = 30) -> None:
-        self.best_fitness = 0.0  # YOLOv5 fitness is >= 0; the first epoch at or above it is the best so far
+    def __init__(self, patience: int = 30, mode: str = "max") -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"EarlyStopping mode={mode!r} is not one of max, min")
+        self.mode = mode
+        # YOLOv5 fitness is >= 0; the first epoch at or above it is the best so far
+        self.best_fitness = 0.0 if mode == "max" else math.inf
         self.best_epoch = 0
         self.patience: float = patience or math.inf  # 0 = never stop
         self.possible_stop = False  # True when the next epoch without improvement would stop
 
     def __call__(self, epoch: int, fitness: float) -> bool:
         """Record this epoch's fitness; return True when training should stop (the same on every rank)."""
-        if fitness >= self.best_fitness:  # >= lets a run with fitness 0 in its first epochs start
+        better = fitness >= self.best_fitness if self.mode == "max" else fitness <= self.best_fitness
+        if better:  # >= lets a run with fitness 0 in its first epochs start
             self.best_epoch = epoch
             self.best_fitness = float(fitness)
         delta = epoch - self.best_epoch

@@ -174,3 +174,12 @@ def test_every_rank_takes_rank0_decision(tmp_path):
     for r in results:
         assert (r["stopped"], r["best_epoch"], r["best_fitness"]) == (3, 1, 0.5), results
     assert results[0]["possible"] == results[1]["possible"] == [False, False, True, True]
+
+
+def test_min_mode_counts_a_lower_value_as_better_and_starts_from_infinity():
+    es = EarlyStopping(patience=2, mode="min")
+    assert [es(epoch, loss) for epoch, loss in enumerate([3.0, 2.0, 2.5, 1.0, 1.5, 1.2], start=1)] == \
+        [False, False, False, False, False, True]
+    assert es.best_epoch == 4 and es.best_fitness == 1.0
+    with pytest.raises(ValueError, match="EarlyStopping mode='lowest' is not one of max, min"):
+        EarlyStopping(mode="lowest")
