@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import random
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +78,26 @@ def _worker_uses_cuda(device: object, env: DistEnv, environ: Mapping[str, str]) 
     return True
 
 
+def _deterministic(on: bool) -> Callable[[], None]:
+    """Deterministic algorithms for this session (process-wide in torch); returns what puts back the
+    settings it found, so that a second session in the same process starts as the first did."""
+    if not on:
+        return lambda: None
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+              os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+    def restore() -> None:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
+        if before[2] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+    return restore
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
@@ -116,10 +136,7 @@ def session(
     if env.mode == "launcher":
         env = DistEnv("launcher", restart_count=env.restart_count)  # one process: rank 0 of 1
     cuda = _worker_uses_cuda(device, env, environ)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    restore = _deterministic(deterministic)
     chosen = backend if backend != "auto" else ("nccl" if cuda else "gloo")
     log = logs.setup_console(env.rank)
     try:
@@ -145,3 +162,4 @@ def session(
     finally:
         logs.close()
         hdist.teardown()
+        restore()
