@@ -99,6 +99,7 @@ def summarize(strategy: str, world: int, runs: list[list[dict[str, Any]]]) -> di
         for key in ("build_peak", "build_held", "train_peak"):
             row[key] = statistics.median(r[key] for r in mine)
         row["step_ms"] = statistics.median(t for r in mine for t in r["step_ms"])
+        row["step_cpu_ms"] = statistics.median(t for r in mine for t in r["step_cpu_ms"])
         ranks.append(row)
     first = runs[-1][0]
     parameters = sum(r["param_count"] for r in runs[-1]) if strategy == "fsdp" else first["param_count"]
@@ -107,7 +108,8 @@ def summarize(strategy: str, world: int, runs: list[list[dict[str, Any]]]) -> di
         "model": {"class": "harness.models.Tower", **first["model"], "parameters": parameters},
         "wrap": first["wrap"], "batch": first["batch"], "threads": first["threads"], "malloc": first["malloc"],
         "rss_method": first["rss_method"], "runs": len(runs), "ranks": ranks,
-        "step_ms": report.spread([t for run in runs for t in run[0]["step_ms"]])}
+        "step_ms": report.spread([t for run in runs for t in run[0]["step_ms"]]),
+        "step_cpu_ms": report.spread([t for run in runs for t in run[0]["step_cpu_ms"]])}
     if "save_s" in first:
         setting.update(save_s=report.spread([t for run in runs for t in run[0]["save_s"]]),
                        load_s=report.spread([t for run in runs for t in run[0]["load_s"]]),
@@ -122,7 +124,8 @@ def compare(ddp: dict[str, Any], fsdp: dict[str, Any]) -> dict[str, Any]:
         return max(r[key] for r in s["ranks"])
 
     ratios = {key: top(fsdp, key) / top(ddp, key) for key in MEMORY if top(ddp, key) > 0}
-    ratios["step_ms"] = fsdp["step_ms"]["median"] / ddp["step_ms"]["median"]
+    for key in ("step_ms", "step_cpu_ms"):
+        ratios[key] = fsdp[key]["median"] / ddp[key]["median"]
     sums = {key: [sum(r[key] for r in fsdp["ranks"]), ddp["ranks"][0][key]] for key in SHARDED}
     # AdamW's `step` is a 0-dim tensor per parameter that every fsdp rank keeps whole
     sums["optim_scalar_bytes"] = [fsdp["ranks"][0]["optim_scalar_bytes"], ddp["ranks"][0]["optim_scalar_bytes"]]
@@ -140,21 +143,21 @@ def table(settings: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> 
     lines = [f"{m['class']} {m['parameters']:,} parameters ({mib(m['parameters'] * 4)} MiB fp32), AdamW, global "
              f"batch {s0['batch']}, {s0['threads']} thread(s) per rank, fsdp wrap={s0['wrap']}, {s0['runs']} run(s)",
              f"MiB per rank; peaks: resident set ({s0['rss_method']}; malloc {s0['malloc']['peaks']}) over the one "
-             f"before the build; step ms: rank 0's median [min-max], the other ranks' median",
+             f"before the build; step wall and CPU ms: rank 0's median [min-max], the other ranks' median",
              f"{'setting':<10}{'rank':>5}{'params':>10}{'grads':>10}{'optim':>10}{'build peak':>12}"
-             f"{'train peak':>12}   step ms"]
+             f"{'train peak':>12}   {'step ms':<18}{'CPU ms':<18}"]
     by_world = {c["world"]: c for c in comparisons}
     for s in settings:
         for r in s["ranks"]:
             name = f"{s['strategy']} x{s['world']}" if r["rank"] == 0 else ""
-            step = report.fmt(s["step_ms"], 0) if r["rank"] == 0 else f"{r['step_ms']:.0f}"
+            step = [report.fmt(s[k], 0) if r["rank"] == 0 else f"{r[k]:.0f}" for k in ("step_ms", "step_cpu_ms")]
             lines.append(f"{name:<10}{r['rank']:>5}" + "".join(f"{mib(r[k]):>{12 if 'peak' in k else 10}}"
-                                                             for k in MEMORY) + f"   {step}")
+                                                             for k in MEMORY) + f"   {step[0]:<18}{step[1]:<18}")
         c = by_world.get(s["world"])
         if c is not None and s["strategy"] == "fsdp":
             rat = c["ratios"]
             cells = "".join(f"{rat[k]:>{12 if 'peak' in k else 10}.3f}" if k in rat else " " * 10 for k in MEMORY)
-            lines.append(f"{'fsdp/ddp':<15}{cells}   {rat['step_ms']:.2f}")
+            lines.append(f"{'fsdp/ddp':<15}{cells}   {rat['step_ms']:<18.2f}{rat['step_cpu_ms']:<18.2f}")
             times_n = "".join(f"{rat[k] * s['world']:>{12 if 'peak' in k else 10}.3f}" if k in rat else " " * 10
                               for k in MEMORY)
             lines.append(f"{'  x N':<15}{times_n}   (1.000 = exactly 1/N of ddp's)")

@@ -21,6 +21,8 @@ steps on synthetic data (this rank's slice of a fixed global batch); then writes
     build_held      what stays resident after the build, over the same baseline
     train_peak      the high-water mark over the build, the wrap and the --warmup steps, same baseline
     step_ms         each of --steps steps (forward, backward, optimizer step) after those, wall clock
+    step_cpu_ms     the same steps' CPU time, all of the process's threads (gloo's too): steadier on a
+                    shared machine, but blind to time spent waiting for a peer
     save_s/load_s   a Checkpointer (harness.checkpoint) save and restore of model, optimizer and
                     counters, between barriers, so each is the slowest rank's time
 
@@ -226,25 +228,25 @@ def train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     x = torch.randn(args.batch, model.stem.in_features, generator=g)[rank * per_rank:(rank + 1) * per_rank]
     y = torch.randint(0, model.head.out_features, (args.batch,), generator=g)[rank * per_rank:(rank + 1) * per_rank]
 
-    def step() -> float:
-        t0 = time.perf_counter()
+    def step() -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(forward(x), y).backward()
         optimizer.step()
-        return (time.perf_counter() - t0) * 1e3
+        return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
 
     for _ in range(args.warmup):
         step()
     train_peak = resident.peak() - base
     resident.steady()
     step()  # the heap grows to the steps' working set once, untimed
-    step_ms = [step() for _ in range(args.steps)]
+    step_ms, step_cpu_ms = zip(*[step() for _ in range(args.steps)], strict=True)
     record: dict[str, Any] = {
         "rank": rank, "world": world, "strategy": args.strategy, "resolved": how.name, "model": shape,
         "wrap": wrap, "batch": args.batch, **tensor_bytes(model, optimizer), "build_peak": build_peak,
         "build_held": build_held, "train_peak": train_peak, "baseline_rss": base, "rss_method": resident.method,
         "malloc": {"peaks": peaks_malloc, "steps": resident.malloc},
-        "step_ms": step_ms, "threads": torch.get_num_threads()}
+        "step_ms": list(step_ms), "step_cpu_ms": list(step_cpu_ms), "threads": torch.get_num_threads()}
     if args.ckpt_rounds:
         record.update(time_checkpoints(how, model, optimizer, Path(args.ckpt_dir), args.ckpt_rounds,
                                        args.warmup + 1 + args.steps))
