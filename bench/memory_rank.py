@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -168,11 +167,6 @@ class Counters:
         self.state = dict(state)
 
 
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 def time_checkpoints(how: strategy.Strategy, model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path,
                      rounds: int, step: int) -> dict[str, Any]:
     """Save and restore `rounds` times through harness.checkpoint, the way the loop does."""
@@ -180,15 +174,15 @@ def time_checkpoints(how: strategy.Strategy, model: nn.Module, optimizer: torch.
     ckpt = Checkpointer(parts, directory=directory, rank=hdist.rank(), world_size=hdist.world_size(), keep=1,
                         config="", device=torch.device("cpu"), sharded=("model", "optimizer") if how.sharded else ())
     save_s, load_s = [], []
-    for _ in range(rounds):
-        barrier()
+    for _ in range(rounds):  # hdist.meet: a barrier at world size > 1
+        hdist.meet()
         t0 = time.perf_counter()
         ckpt.save(best=False, metrics={})
-        barrier()  # a save is done when every rank's files are
+        hdist.meet()  # a save is done when every rank's files are
         save_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         ckpt.restore(str(directory))
-        barrier()
+        hdist.meet()
         load_s.append(time.perf_counter() - t0)
     entries = Store(directory).entries()
     files = [f for f in entries[-1].rglob("*") if f.is_file()] if entries else []
