@@ -65,5 +65,5 @@ bench: venv ## harness vs a hand-written loop, side by side, with ratios (~9 min
 	$(BIN)/python -m bench.run $(ARGS)
 
 .PHONY: bench-memory
-bench-memory: venv ## per-rank bytes, build and train peaks, step and checkpoint times: ddp vs fsdp at 1, 2, 4 ranks (~3 min); ARGS='--help'
+bench-memory: venv ## per-rank bytes, build and train peaks, step and checkpoint times: ddp vs fsdp at 1, 2, 4 ranks (~3-5 min); ARGS='--help'
 	$(BIN)/python -m bench.memory $(ARGS)
