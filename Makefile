@@ -63,3 +63,7 @@ test-multinode: venv ## only the multinode tests (several emulated hosts on this
 .PHONY: bench
 bench: venv ## harness vs a hand-written loop, side by side, with ratios (~9 min on 2 cores); options: ARGS='--help'
 	$(BIN)/python -m bench.run $(ARGS)
+
+.PHONY: bench-memory
+bench-memory: venv ## per-rank bytes, build and train peaks, step and checkpoint times: ddp vs fsdp at 1, 2, 4 ranks (~3-5 min); ARGS='--help'
+	$(BIN)/python -m bench.memory $(ARGS)

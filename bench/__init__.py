@@ -6,4 +6,6 @@ zero_first.py zero_first release latency, under torchrun
 runs.py       the commands for each side, running one and reading what its ranks recorded
 report.py     statistics, machine description, the table
 run.py        the driver: `python -m bench.run` (alternating pairs, launcher, zero_first, JSON)
+memory.py     `make bench-memory`: what a rank holds and how fast it steps, ddp vs fsdp (`python -m bench.memory`)
+memory_rank.py  one rank of it: build through harness.strategy, train, count bytes, time a checkpoint
 """

@@ -143,8 +143,13 @@ def reference_cmd(spec: Spec, out: Path, save: Path, root: Path = REPO) -> list[
 
 
 def clean_env(spec: Spec, root: Path = REPO) -> dict[str, str]:
+    return worker_env(spec.threads, root)
+
+
+def worker_env(threads: int, root: Path = REPO) -> dict[str, str]:
+    """This environment without rank or Slurm variables, `threads` per process, `root` first on the path."""
     env = {k: v for k, v in os.environ.items() if k not in DROP_ENV and not k.startswith("SLURM_")}
-    env.update(OMP_NUM_THREADS=str(spec.threads), PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1")
+    env.update(OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1")
     env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
     return env
 
