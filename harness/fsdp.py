@@ -24,12 +24,16 @@ Building: the model is constructed on the meta device (no memory), sharded, give
 full tensors on the CPU (the same numbers DDP's construction draws) and keeps only its shard. So
 the weights equal DDP's with the same seed, and building holds the shards plus one module whole.
 A module with parameters or buffers of its own but no `reset_parameters()` cannot be initialised
-that way: refused before anything is built, naming it.
+that way: refused before anything is built, naming it. Initialisation the constructor does beyond
+its modules' reset_parameters() (`nn.init.zeros_(self.head.weight)` in `__init__`) would be lost
+on the meta device: the in-place operations of construction and of the replay are recorded and
+compared, and a model whose two records differ is refused, naming the first difference.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -42,7 +46,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.overrides import TorchFunctionMode
 
 from harness import dist as hdist
 from harness.config import ConfigError, FsdpConfig
@@ -122,9 +127,53 @@ def check_initialisable(model: nn.Module) -> None:
                               f"one that does what its __init__ does, or use trainer.strategy=ddp")
 
 
+class InPlaceOps(TorchFunctionMode):
+    """Records the names of the in-place tensor operations run under it: what initialises tensors
+    (nn.init's uniform_, kaiming_uniform_, zeros_ ..., a buffer's fill_), in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.startswith("_") and name != "requires_grad_":
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def check_replayed(name: str, constructed: list[str], replayed: list[str]) -> None:
+    """Construction initialised nothing that the reset_parameters() replay did not, in the same order."""
+    if constructed == replayed:
+        return
+    k = next((i for i, (a, b) in enumerate(zip(constructed, replayed, strict=False)) if a != b),
+             min(len(constructed), len(replayed)))
+    ran = constructed[k] if k < len(constructed) else "nothing more"
+    replay = replayed[k] if k < len(replayed) else "nothing more"
+    raise ConfigError(f"trainer.strategy=fsdp: constructing {name} initialises tensors in ways its "
+                      f"modules' reset_parameters() do not ({len(constructed)} in-place operations against "
+                      f"{len(replayed)}; operation {k + 1} is {ran} in the constructor and {replay} in the "
+                      f"replay). On the meta device that initialisation is lost and the weights would not be the "
+                      f"ones ddp builds: move it into reset_parameters() of the module that owns the tensors, or "
+                      f"use trainer.strategy=ddp")
+
+
+def _shard_of(full: torch.Tensor, p: DTensor) -> torch.Tensor:
+    """This rank's piece of `full` as `p` holds it: FSDP's dim-0 chunk, cut directly (no copy)."""
+    mesh = p.device_mesh
+    if p.placements == (Shard(0),) and mesh.ndim == 1:
+        chunks = torch.chunk(full, mesh.size(), dim=0)
+        rank = mesh.get_local_rank()
+        piece = chunks[rank] if rank < len(chunks) else full[:0]
+        if piece.shape == p.to_local().shape:
+            return piece
+    return distribute_tensor(full.to(p.device), mesh, p.placements, src_data_rank=None).to_local()
+
+
 @torch.no_grad()
-def initialise(model: nn.Module) -> None:
-    """Draw every module's full tensors on the CPU with its reset_parameters(), keep this rank's shard."""
+def initialise(model: nn.Module, record: InPlaceOps | None = None) -> None:
+    """Draw every module's full tensors on the CPU with its reset_parameters(), keep this rank's shard.
+    `record` sees the in-place operations reset_parameters() runs."""
     for module in model.modules():
         params, buffers = _own_tensors(module)
         if not params and not buffers:
@@ -133,14 +182,14 @@ def initialise(model: nn.Module) -> None:
             module._parameters[n] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad)
         for n, b in buffers.items():
             module._buffers[n] = torch.empty(b.shape, dtype=b.dtype)
-        module.reset_parameters()  # type: ignore[operator]
+        with record if record is not None else nullcontext():
+            module.reset_parameters()  # type: ignore[operator]
         for n, p in params.items():
             full = module._parameters[n]
             module._parameters[n] = p
             assert full is not None
             if isinstance(p, DTensor):
-                local = distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-                p.to_local().copy_(local.to_local())
+                p.to_local().copy_(_shard_of(full, p))
             else:
                 p.copy_(full)
         for n, b in buffers.items():
@@ -153,13 +202,16 @@ def initialise(model: nn.Module) -> None:
 def build(make: Callable[[], nn.Module], *, device: torch.device, cfg: FsdpConfig, bf16: bool) -> nn.Module:
     """Construct on the meta device, shard, materialise on `device`, initialise as construction would have."""
     start = torch.get_rng_state()  # where a construction on a real device would begin drawing
-    with torch.device("meta"):
+    constructed, replayed = InPlaceOps(), InPlaceOps()
+    with torch.device("meta"), constructed:
         model = make()
     check_initialisable(model)
+    name = type(model).__name__  # before fully_shard makes it FSDP<name>
     shard(model, device=device, cfg=cfg, bf16=bf16)
     model.to_empty(device=device)
     torch.set_rng_state(start)
-    initialise(model)  # the same draws as construction: the generator ends where DDP's leaves it
+    initialise(model, replayed)  # the same draws as construction: the generator ends where DDP's leaves it
+    check_replayed(name, constructed.ops, replayed.ops)
     return model
 
 

@@ -18,7 +18,7 @@ from harness.fsdp import check_initialisable, plan_units
 from harness.models import MLP, SmallCNN, Tower
 from harness.strategy import choose
 from harness.utils.ema import ModelEMA, ShardEMA
-from tests.sharding.parts import Scaled
+from tests.sharding.parts import Scaled, ZeroHead
 
 
 def meta(make):
@@ -134,5 +134,19 @@ def test_the_toolbox_on_a_sharded_model_counts_it_whole_or_refuses_naming_export
             fuse_model(model)
         assert profile(torch.randn(2, 1, 8, 8), [model], n=1) == [None]
         assert "profile needs the whole model" in capsys.readouterr().out
+    finally:
+        hdist.teardown()
+
+
+def test_initialisation_the_constructor_does_beyond_reset_parameters_is_refused() -> None:
+    from harness import dist as hdist
+
+    try:
+        with pytest.raises(ConfigError, match=r"constructing ZeroHead initialises tensors in ways its modules' "
+                                              r"reset_parameters\(\) do not \(5 in-place operations against 4; "
+                                              r"operation 5 is zero_ in the constructor and nothing more "
+                                              r"in the replay\)"):
+            choose("fsdp", 1).build(ZeroHead, torch.device("cpu"))
+        choose("fsdp", 1).build(lambda: Tower(width=32, depth=2), torch.device("cpu"))  # replays exactly
     finally:
         hdist.teardown()
