@@ -63,14 +63,12 @@ def test_b_usr2_stops_every_rank_at_one_step_requeues_and_resumes_to_the_same_we
                                      stderr=subprocess.STDOUT)
     deadline = time.monotonic() + TIMEOUT
     try:
-        signalled = {}
         for shape, job in jobs.items():  # USR2 to every task of the job's steps once epoch 1 is under way
             def training(job: Submitted = job) -> bool:
                 run_dir = run_dir_of(job)
                 return run_dir is not None and "epoch 1/" in rank_log_text(run_dir)
             wait_until(f"training in {shape}", training, list(jobs.values()), deadline)
             cluster.signal(job, "USR2")
-            signalled[shape] = time.monotonic()
         codes = {shape: cluster.wait(job, deadline) for shape, job in jobs.items()}
         reference.wait(timeout=max(deadline - time.monotonic(), 1))
     finally:
@@ -99,8 +97,8 @@ def test_b_usr2_stops_every_rank_at_one_step_requeues_and_resumes_to_the_same_we
         assert epochs(run_dir) == list(range(1, EPOCHS + 1)), shape  # every epoch exactly once
         assert checkpoint.load(run_dir)["progress"]["epoch"] == EPOCHS
         assert digests(run_dir) == expected, shape
-        print(f"\n[slurm lab] b: {shape} 2 nodes x 1 rank, USR2 at epoch 1 step ~; stopped at epoch {stops[0][0]} "
-              f"step {stops[0][1]} on both ranks; requeued, resumed, same weights ({took:.1f}s for both shapes)")
+        print(f"\n[slurm lab] b: {shape} 2 nodes x 1 rank, USR2 in epoch 1: both ranks stopped at epoch {stops[0][0]} "
+              f"step {stops[0][1]}; requeued, resumed, same weights ({took:.1f}s for both shapes)")
 
 
 DEAD_AFTER = 4.0
@@ -176,5 +174,5 @@ def test_c_a_lost_node_ends_the_step_is_named_and_the_requeued_job_resumes_on_th
     assert resumed and all(int(s) % 5 == 0 for _, s in resumed), resumed
     assert epochs(run_dir) == [1, 2, 3, 4]
     assert checkpoint.load(run_dir)["meta"]["world_size"] == 2
-    print(f"\n[slurm lab] c: --nodes=1-2, node2 cut in epoch 2 (seconds after the cut): "
+    print("\n[slurm lab] c: --nodes=1-2, node2 cut in epoch 2 (seconds after the cut): "
           + ", ".join(f"{k} {v}" for k, v in times.items()) + f"; whole test {time.monotonic() - t0:.1f}s")
