@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # A throw-away Slurm cluster of N nodes on this machine, on emulated hosts (scripts/hosts.sh): one
 # slurmd per host, in that host's namespaces, and slurmctld on a host of its own on the same bridge.
-# For the multi-node Slurm tests (tests/slurm/test_nodes_*.py) and for trying the multi-node batch
+# For the multi-node Slurm tests (tests/slurm/test_nodes*.py) and for trying the multi-node batch
 # scripts by hand. Root; Debian's slurm packages (installed by cluster.sh install); no accounting.
 #
 #   scripts/slurm/lab.sh start DIR [N] [--owner PID]  # lab with hosts ctld, node1..nodeN (N=2); wait idle
 #   DIR/bin/sbatch ... (squeue, scancel, scontrol, sinfo, srun) # the s* commands, run on host ctld
-#   source DIR/env.sh                                 # or: those wrappers first on the PATH, SLURM_CONF
+#   source DIR/env.sh                                 # or: those first on the PATH (and SLURM_CONF, the lab)
 #   scripts/slurm/lab.sh status DIR                   # sinfo + squeue
 #   scripts/slurm/lab.sh stop DIR                     # cancel every job, then take the hosts down
 #
@@ -65,8 +65,10 @@ exec bash $HOSTS -n $LAB exec ctld /usr/bin/$cmd "\$@"
 SH
         chmod +x "$D/bin/$cmd"
     done
+    # HARNESS_HOSTS_LAB: hosts.sh's default lab, so `scripts/hosts.sh cut node2` needs no -n
     # shellcheck disable=SC2016  # $PATH is the sourcing shell's
-    printf 'export SLURM_CONF=%s\nexport PATH=%s:$PATH\n' "$D/etc/slurm.conf" "$D/bin" > "$D/env.sh"
+    printf 'export SLURM_CONF=%s\nexport PATH=%s:$PATH\nexport HARNESS_HOSTS_LAB=%s\n' \
+        "$D/etc/slurm.conf" "$D/bin" "$LAB" > "$D/env.sh"
 }
 
 write_conf() {  # N

@@ -3,6 +3,9 @@
 Jobs are submitted with `sbatch --wait` from the test's tmp directory (so `runs/` lands there), with
 a unique job name: a test that runs out of time cancels its job by that name instead of leaving it
 queued. Each job's output goes to `<tmp>/<name>.out`.
+
+`slurm_lab` is another cluster: 2 nodes on emulated hosts, one per test that asks for it (tests/slurm/lab.py;
+the tests marked `multinode`), independent of the one above and of SLURM_CONF.
 """
 
 from __future__ import annotations
