@@ -104,9 +104,6 @@ class Cluster:
     def cut(self, host: str) -> None:
         subprocess.run(["bash", str(HOSTS_SH), "-n", self.lab, "cut", host], check=True, timeout=30)
 
-    def on(self, host: str, *cmd: str) -> None:
-        subprocess.run(["bash", str(HOSTS_SH), "-n", self.lab, "exec", host, *cmd], check=True, timeout=30)
-
 
 def start(root: Path, cache: Path, nodes: int = 2) -> Cluster:
     proc = subprocess.run(["bash", str(LAB_SH), "start", str(root), str(nodes), "--owner", str(os.getpid())],

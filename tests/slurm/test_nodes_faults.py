@@ -176,3 +176,38 @@ def test_c_a_lost_node_ends_the_step_is_named_and_the_requeued_job_resumes_on_th
     assert checkpoint.load(run_dir)["meta"]["world_size"] == 2
     print("\n[slurm lab] c: --nodes=1-2, node2 cut in epoch 2 (seconds after the cut): "
           + ", ".join(f"{k} {v}" for k, v in times.items()) + f"; whole test {time.monotonic() - t0:.1f}s")
+
+
+
+def test_c_a_job_that_said_no_requeue_ends_with_exit_4_when_it_loses_a_node(slurm_lab: Cluster, tmp_path: Path) -> None:
+    """The same loss under --no-requeue: the script names it, Slurm refuses the requeue, the job ends with 4."""
+    cluster, t0 = slurm_lab, time.monotonic()
+    job = cluster.submit("cpu-srun.sbatch", *LOSS_JOB, cwd=tmp_path, tag="no-requeue",
+                         sbatch=("--nodes=2", "--no-requeue"))
+    deadline = time.monotonic() + TIMEOUT
+
+    def training() -> bool:
+        run_dir = run_dir_of(job)
+        return run_dir is not None and (run_dir / "train.log").is_file() and \
+            (run_dir / "train.log").read_text().count(" epoch 2/") >= 8
+    wait_until("the second epoch", training, [job], deadline)
+    run_dir = run_dir_of(job)
+    assert run_dir is not None
+    first = rank_starts(run_dir)
+    on_node2 = sorted(r for r, _, _, h, _ in first if h == "node2")
+    assert sorted(h for *_, h, _ in first) == ["node1", "node1", "node2", "node2"], first
+    cluster.cut("node2")
+    cut = time.monotonic()
+    code = cluster.wait(job, deadline)
+    ended = time.monotonic() - cut
+    log = job.log
+    assert code == 4, log[-4000:]  # a peer was lost, and nothing requeued the job
+    named = re.compile(rf"rank ({'|'.join(map(str, on_node2))}) \(pid \d+ on node2\) lost at step \d+")
+    m = re.search(r"^harness: a peer was lost: (.*)$", log, re.M)
+    assert m and named.search(m.group(1)), log[-4000:]
+    assert f"harness: job {cluster.job_id(job)} not requeued (Slurm refused" in log, log[-4000:]
+    assert len(attempts(log)) == 1, log[-4000:]
+    assert ended <= STEP_ENDS_WITHIN + 5, ended  # the step's end and the script's few seconds after it
+    assert not (run_dir / "PREEMPTED").exists() and 0 < len(epochs(run_dir)) < 4
+    print(f"\n[slurm lab] c: node2 cut in epoch 2 of a --no-requeue job: ended with 4 after {ended:.1f}s; "
+          f"whole test {time.monotonic() - t0:.1f}s")
