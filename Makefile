@@ -54,6 +54,16 @@ slurm-down: ## cancel the cluster's jobs and stop its daemons
 test-slurm: venv ## only the Slurm tests (real jobs; needs slurm-up or SLURM_CONF of a cluster)
 	SLURM_CONF=$(SLURM_CONF) $(BIN)/python -m pytest tests/slurm $(PYTEST_ARGS)
 
+# A 2-node Slurm cluster on emulated hosts (scripts/slurm/lab.sh; root): by hand. The tests marked
+# `multinode` in tests/slurm start one of their own per test.
+SLURM_LAB_DIR ?= $(CURDIR)/.slurm-lab
+.PHONY: slurm-lab-up slurm-lab-down
+slurm-lab-up: ## start a 2-node Slurm cluster on emulated hosts under .slurm-lab/ (root); then: source .slurm-lab/env.sh
+	scripts/slurm/lab.sh start $(SLURM_LAB_DIR) 2
+
+slurm-lab-down: ## cancel its jobs and take its hosts down
+	scripts/slurm/lab.sh stop $(SLURM_LAB_DIR)
+
 # Emulated hosts (scripts/hosts.sh: network namespaces on a bridge of their own; root) for the tests
 # marked `multinode`; each test brings up and takes down its own.
 .PHONY: test-multinode

@@ -6,6 +6,7 @@
 #   source DIR/env.sh                       # exports SLURM_CONF: every s* command needs it
 #   scripts/slurm/cluster.sh status [DIR]   # sinfo + squeue; exit 1 when the controller does not answer
 #   scripts/slurm/cluster.sh stop [DIR]     # cancel every job, then stop the daemons by their PIDs
+#   scripts/slurm/cluster.sh install        # only install the packages (scripts/slurm/lab.sh uses it)
 #
 # DIR defaults to .slurm/ at the top of the repository (git ignores it). `make slurm-up`, `make
 # slurm-down` and `make test-slurm` wrap this script. Environment:
@@ -35,7 +36,7 @@ D_PORT=${SLURM_D_PORT:-6818}
 sock_paths() { SOCK_DIR=/tmp/harness-munge-$(printf '%s' "$D" | sha256sum | cut -c1-12); SOCK=$SOCK_DIR/munge.socket.2; }
 
 log() { echo "[cluster.sh $(date +%T)] $*" >&2; }
-usage() { echo "usage: $0 start|stop|status [DIR]   (DIR default: $REPO/.slurm)" >&2; exit 2; }
+usage() { echo "usage: $0 start|stop|status [DIR] | install   (DIR default: $REPO/.slurm)" >&2; exit 2; }
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 install_packages() {
@@ -180,5 +181,6 @@ case "$CMD" in
     start) mkdir -p "$D"; D=$(cd "$D" && pwd); sock_paths; start ;;
     stop) if [ -d "$D" ]; then D=$(cd "$D" && pwd); sock_paths; stop; rm -rf "$SOCK_DIR"; fi ;;
     status) status ;;
+    install) install_packages ;;
     *) usage ;;
 esac

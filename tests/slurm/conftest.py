@@ -3,6 +3,9 @@
 Jobs are submitted with `sbatch --wait` from the test's tmp directory (so `runs/` lands there), with
 a unique job name: a test that runs out of time cancels its job by that name instead of leaving it
 queued. Each job's output goes to `<tmp>/<name>.out`.
+
+`slurm_lab` is another cluster: 2 nodes on emulated hosts, one per test that asks for it (tests/slurm/lab.py;
+the tests marked `multinode`), independent of the one above and of SLURM_CONF.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, clean_env
+from tests.slurm import lab
 
 SCRIPTS = REPO / "scripts" / "slurm"
 JOB_TIMEOUT = 180  # seconds one job may take, queueing included: 2-epoch CPU jobs take ~20 s
@@ -112,3 +117,12 @@ def assert_not_requeued(job: Job, watch_s: float = 3.0) -> None:
         assert state not in ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"), (
             f"job {job.id} is {state} again after it failed:\n{job.log}")
         time.sleep(0.5)
+
+
+@pytest.fixture
+def slurm_lab(tmp_path: Path, cache_dir: Path) -> Iterator[lab.Cluster]:
+    """A 2-node Slurm cluster on emulated hosts for this test (tests/slurm/lab.py), taken down after it."""
+    cluster = lab.start(tmp_path / "slurm", cache_dir)
+    yield cluster
+    problem = lab.stop(cluster)
+    assert not problem, f"the lab cluster did not come down cleanly: {problem}"

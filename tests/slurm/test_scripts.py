@@ -27,7 +27,7 @@ def test_the_scripts_are_there() -> None:
             "gpu-srun-multinode.sbatch", "gpu-torchrun-multinode.sbatch"} <= names
 
 
-@pytest.mark.parametrize("path", [*SBATCH, SCRIPTS / "cluster.sh"], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [*SBATCH, SCRIPTS / "cluster.sh", SCRIPTS / "lab.sh"], ids=lambda p: p.name)
 def test_bash_parses_it(path: Path) -> None:
     proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
@@ -44,6 +44,7 @@ def test_requeue_signal_and_shape(path: Path) -> None:
     text = path.read_text()
     directives = re.findall(r"^#SBATCH (\S+)", text, flags=re.M)
     assert "--requeue" in directives and "--open-mode=append" in directives
+    assert "--no-kill" in directives  # a lost node fails the step; the script decides about a requeue
     assert any(re.fullmatch(r"--signal=USR2@\d+", d) for d in directives), directives
     assert "scontrol show" not in text  # the first node comes from the harness's hostlist parser
     if "torchrun" in path.name:
