@@ -7,6 +7,7 @@
 #   scripts/slurm/cluster.sh status [DIR]   # sinfo + squeue; exit 1 when the controller does not answer
 #   scripts/slurm/cluster.sh stop [DIR]     # cancel every job, then stop the daemons by their PIDs
 #   scripts/slurm/cluster.sh install        # only install the packages (scripts/slurm/lab.sh uses it)
+#   scripts/slurm/cluster.sh plugins-conf DIR   # the slurm.conf lines lab.sh shares (plugins, scheduler)
 #
 # DIR defaults to .slurm/ at the top of the repository (git ignores it). `make slurm-up`, `make
 # slurm-down` and `make test-slurm` wrap this script. Environment:
@@ -69,6 +70,25 @@ start_munge() {
     munge --socket="$sock" -n | unmunge --socket="$sock" >/dev/null
 }
 
+plugins_conf() {  # DIR: the plugins and scheduling lines that this cluster and lab.sh's share
+    cat <<CONF
+SlurmctldDebug=info
+SlurmdDebug=info
+MailProg=/bin/true
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/filetxt
+JobCompLoc=$1/log/jobcomp.log
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=1
+CONF
+}
+
 write_conf() {
     local host=$1 node mem_total mem extra=""
     # the real topology from `slurmd -C` avoids "Node reconfigured socket/core boundaries"
@@ -97,20 +117,7 @@ SlurmctldPidFile=$D/run/slurmctld.pid
 SlurmdPidFile=$D/run/slurmd.pid
 SlurmctldLogFile=$D/log/slurmctld.log
 SlurmdLogFile=$D/log/slurmd.log
-SlurmctldDebug=info
-SlurmdDebug=info
-MailProg=/bin/true
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/filetxt
-JobCompLoc=$D/log/jobcomp.log
-MpiDefault=none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=2,bf_interval=1
+$(plugins_conf "$D")
 ReturnToService=2
 KillWait=5
 InactiveLimit=0
@@ -182,5 +189,6 @@ case "$CMD" in
     stop) if [ -d "$D" ]; then D=$(cd "$D" && pwd); sock_paths; stop; rm -rf "$SOCK_DIR"; fi ;;
     status) status ;;
     install) install_packages ;;
+    plugins-conf) plugins_conf "$D" ;;  # for scripts/slurm/lab.sh
     *) usage ;;
 esac

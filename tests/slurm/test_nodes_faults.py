@@ -45,6 +45,25 @@ def wait_until(what: str, happened: Callable[[], bool], jobs: list[Submitted], d
     pytest.fail(f"no {what} in time:\n" + "\n".join(j.log[-2000:] for j in jobs))
 
 
+def cut_node2_in_epoch_two(cluster: Cluster, job: Submitted, deadline: float
+                           ) -> tuple[Path, list[tuple[int, int, int, str, int]], re.Pattern[str], float]:
+    """Once all 4 ranks (2 on node1, 2 on node2) train in epoch 2, pull node2's cable. Returns the run
+    directory, the ranks' starts, the pattern of the incident naming a node2 rank, the cut's time."""
+    def second_epoch() -> bool:
+        run_dir = run_dir_of(job)
+        return run_dir is not None and (run_dir / "train.log").is_file() and \
+            (run_dir / "train.log").read_text().count(" epoch 2/") >= 8
+    wait_until("the second epoch", second_epoch, [job], deadline)
+    run_dir = run_dir_of(job)
+    assert run_dir is not None
+    first = rank_starts(run_dir)
+    on_node2 = sorted(r for r, _, _, h, _ in first if h == "node2")
+    assert sorted(h for *_, h, _ in first) == ["node1", "node1", "node2", "node2"], first
+    cluster.cut("node2")
+    named = re.compile(rf"rank ({'|'.join(map(str, on_node2))}) \(pid \d+ on node2\) lost at step \d+")
+    return run_dir, first, named, time.monotonic()
+
+
 def test_b_usr2_stops_every_rank_at_one_step_requeues_and_resumes_to_the_same_weights(
         slurm_lab: Cluster, tmp_path: Path) -> None:
     """Both shapes at once, 2 nodes x 1 rank; the uninterrupted reference runs outside Slurm, through
@@ -123,20 +142,7 @@ def test_c_a_lost_node_ends_the_step_is_named_and_the_requeued_job_resumes_on_th
     cluster, t0 = slurm_lab, time.monotonic()
     job = cluster.submit("cpu-srun.sbatch", *LOSS_JOB, cwd=tmp_path, tag="lost", sbatch=("--nodes=1-2",))
     deadline = time.monotonic() + TIMEOUT
-
-    def second_epoch() -> bool:
-        run_dir = run_dir_of(job)
-        return run_dir is not None and (run_dir / "train.log").is_file() and \
-            (run_dir / "train.log").read_text().count(" epoch 2/") >= 8
-    wait_until("the second epoch", second_epoch, [job], deadline)
-    run_dir = run_dir_of(job)
-    assert run_dir is not None
-    first = rank_starts(run_dir)
-    on_node2 = sorted(r for r, _, _, h, _ in first if h == "node2")
-    assert sorted(h for *_, h, _ in first) == ["node1", "node1", "node2", "node2"], first
-    cluster.cut("node2")
-    cut = time.monotonic()
-    named = re.compile(rf"rank ({'|'.join(map(str, on_node2))}) \(pid \d+ on node2\) lost at step \d+")
+    run_dir, first, named, cut = cut_node2_in_epoch_two(cluster, job, deadline)
     events: dict[str, Callable[[], bool]] = {
         "named in the job log": lambda: named.search(job.log) is not None,
         "step ended": lambda: "harness: a peer was lost: " in job.log,
@@ -185,24 +191,11 @@ def test_c_a_job_that_said_no_requeue_ends_with_exit_4_when_it_loses_a_node(slur
     job = cluster.submit("cpu-srun.sbatch", *LOSS_JOB, cwd=tmp_path, tag="no-requeue",
                          sbatch=("--nodes=2", "--no-requeue"))
     deadline = time.monotonic() + TIMEOUT
-
-    def training() -> bool:
-        run_dir = run_dir_of(job)
-        return run_dir is not None and (run_dir / "train.log").is_file() and \
-            (run_dir / "train.log").read_text().count(" epoch 2/") >= 8
-    wait_until("the second epoch", training, [job], deadline)
-    run_dir = run_dir_of(job)
-    assert run_dir is not None
-    first = rank_starts(run_dir)
-    on_node2 = sorted(r for r, _, _, h, _ in first if h == "node2")
-    assert sorted(h for *_, h, _ in first) == ["node1", "node1", "node2", "node2"], first
-    cluster.cut("node2")
-    cut = time.monotonic()
+    run_dir, _, named, cut = cut_node2_in_epoch_two(cluster, job, deadline)
     code = cluster.wait(job, deadline)
     ended = time.monotonic() - cut
     log = job.log
     assert code == 4, log[-4000:]  # a peer was lost, and nothing requeued the job
-    named = re.compile(rf"rank ({'|'.join(map(str, on_node2))}) \(pid \d+ on node2\) lost at step \d+")
     m = re.search(r"^harness: a peer was lost: (.*)$", log, re.M)
     assert m and named.search(m.group(1)), log[-4000:]
     assert f"harness: job {cluster.job_id(job)} not requeued (Slurm refused" in log, log[-4000:]
