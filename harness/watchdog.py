@@ -113,6 +113,7 @@ class Watchdog:
         self.watch = PeerWatch(peer, config.dead_after, config.stall_after, config.period, since=now)
         self.verdict: Verdict | None = None
         self.leaving = False  # the main thread is handling an error (or leaving) itself
+        self.failed = False  # ... one of this rank's own, which it has told the others (fail())
         self._news_seen, self._reports_seen = 0, 0
         self._last_ok = now
         self._pending_stall: tuple[Verdict, int] | None = None  # waiting a few rounds for the peer's stack
@@ -254,7 +255,7 @@ class Watchdog:
         if fenced is not None:
             logs.emit_unblocked(logging.INFO, f"rank {self.me.rank}: killed frozen rank {fenced['rank']} "
                                               f"(pid {fenced['pid']})")
-        if not self.leaving:
+        if not self.failed:  # also when the main thread waits in explain(): its PeerLostError says nothing
             self._report(verdict, first=reporter and shared)
             incidents.write_error_file(verdict)
         if not shared and reporter:
@@ -299,7 +300,7 @@ class Watchdog:
 
     def fail(self, exc: BaseException) -> None:
         """This rank raised: tell the others now, rather than let them wait in a collective."""
-        self.leaving = True
+        self.leaving = self.failed = True
         if self.verdict is not None:
             return
         subject = {**asdict(self.me), "step": self.progress.step, "phase": self.progress.phase}

@@ -220,6 +220,31 @@ def test_srun_shape_names_a_frozen_rank_1_and_a_lost_store_when_rank_0_freezes(t
     assert_no_process_left(str(tmp_path))
 
 
+def test_srun_shape_a_killed_rank_is_reported_once_by_the_survivor_whose_collective_failed_first(
+        tmp_path: Path) -> None:
+    """SIGKILL: the survivor's collective fails at once (the socket closes) and its main thread waits in
+    explain() for the watchdog's verdict: the report must still be made, then, by the watchdog."""
+    for killed_rank in (1, 0):
+        run_dir = tmp_path / "runs" / f"kill{killed_rank}"
+        procs = srun_ranks(tmp_path, f"kill{killed_rank}")
+        wait_for(lambda d=run_dir, ps=procs: at_step(d, 40) or any(p.poll() is not None for p in ps), "step 40")
+        victim, survivor = procs[killed_rank], procs[1 - killed_rank]
+        t0 = time.time()
+        victim.kill()
+        out = survivor.finish()
+        assert survivor.returncode == 4, out
+        found = incidents(run_dir)
+        if killed_rank == 1:
+            assert [(i["kind"], i["subject"]["rank"]) for i in found] == [("gone", 1)], (found, out)
+            assert f"rank 1 (pid {victim.pid} on " in out and "its process is gone" in out, out
+        else:
+            assert [i["kind"] for i in found] == ["store"], (found, out)
+            assert "lost contact with the store at 127.0.0.1:" in out and "(hosted by rank 0" in out, out
+        assert found[0]["time"] - t0 < DETECTED_WITHIN and "Traceback" not in out, out
+        report(f"srun shape: rank {killed_rank} SIGKILLed -> named on rank {1 - killed_rank}", found[0]["time"] - t0)
+    assert_no_process_left(str(tmp_path))
+
+
 @pytest.mark.parametrize("on_stall", ["stop", "report"])
 def test_a_rank_stuck_in_its_dataset_is_reported_with_that_frame(on_stall: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "job"
