@@ -5,6 +5,7 @@ and the killed worker run for both strategies (ddp, fsdp: sharded checkpoints)."
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from harness import checkpoint
-from tests.conftest import clean_env, harness_cmd
+from tests.conftest import REPO, clean_env, harness_cmd
 from tests.runs import assert_no_process_left, digests, metrics
 
 pytestmark = pytest.mark.slow
@@ -23,7 +24,7 @@ TIMEOUT = 240
 
 
 def start(tmp: Path, run_id: str, *extra: str) -> subprocess.Popen[str]:
-    env = clean_env(HARNESS_RUN_ID=run_id, HARNESS_CACHE=str(tmp / "cache"))
+    env = clean_env(HARNESS_RUN_ID=run_id, HARNESS_CACHE=str(tmp / "cache"), PYTHONPATH=str(REPO))
     return subprocess.Popen(harness_cmd(*JOB, f"run_root={tmp}/runs", *extra), cwd=tmp, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -116,3 +117,20 @@ def test_sigterm_saves_and_does_not_ask_for_requeue(tmp_path: Path) -> None:
     assert not (run_dir / "PREEMPTED").exists()
     assert checkpoint.load(run_dir)["progress"]["step"] >= 5
     assert "terminated: saved" in out and "not requeued" in out
+
+
+def test_dist_timeout_ends_a_collective_that_never_completes(tmp_path: Path) -> None:
+    """Rank 1 blocks for ever reading its dataset, alive and beating, and the watchdog only reports
+    stalls (dist.on_stall=report, after 300 s): rank 0's all-reduce ends after dist.timeout, as the
+    process group's bound on any collective, and then every process leaves with that error."""
+    run_dir = tmp_path / "runs" / "job"
+    started = time.monotonic()
+    proc = start(tmp_path, "job", "data.dataset._target_=tests.liveness.parts.HazardDigits",
+                 "+data.dataset.rank=1", "+data.dataset.block_after=320", "dist.timeout=5")
+    rc, out = finish(proc)
+    assert rc == 1, out
+    assert re.search(r"error: worker\(s\) failed: rank 0 \(pid \d+ on \S+\) failed at step 9 in \w+: "
+                     r"RuntimeError: .*(timeout|Timed out waiting 5000ms)", out), out  # gloo says it either way
+    assert " step 10 " not in (run_dir / "train.log").read_text()  # rank 1 never finished its step 10
+    print(f"\n[resilience] dist.timeout=5: the whole run, start to exit, {time.monotonic() - started:.1f}s")
+    assert_no_process_left(str(tmp_path))
