@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -62,6 +62,11 @@ def _tensorboard(run_dir: Path) -> Any:
     except ImportError:
         raise ConfigError("trainer.logger=tensorboard needs the tensorboard package: pip install tensorboard") from None
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def _size(dataset: Dataset) -> int:
+    """A map-style dataset's length (torch's Dataset type does not declare __len__; ours all have it)."""
+    return len(cast(Sized, dataset))
 
 
 def check_trainer(trainer: TrainerConfig, device: torch.device) -> None:
@@ -124,11 +129,11 @@ class Loop:
         self.fp16 = trainer.amp == "fp16"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.fp16)
 
-        self.sampler = GlobalBatchSampler(len(train_set), batch.global_batch, rank=self.rank, world_size=self.world,
+        self.sampler = GlobalBatchSampler(_size(train_set), batch.global_batch, rank=self.rank, world_size=self.world,
                                           seed=seed)
         self.loader = DataLoader(train_set, batch_sampler=self.sampler, num_workers=num_workers, pin_memory=cuda,
                                  persistent_workers=num_workers > 0)
-        self.val_loader = DataLoader(val_set, sampler=val_sampler(len(val_set), self.rank, self.world,
+        self.val_loader = DataLoader(val_set, sampler=val_sampler(_size(val_set), self.rank, self.world,
                                                                   equal=self.strategy.sharded),
                                      batch_size=max(batch.per_rank, 1), num_workers=num_workers, pin_memory=cuda)
         self.steps_per_epoch = self.sampler.steps_per_epoch
@@ -138,7 +143,8 @@ class Loop:
         if run_dir is not None and self.rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsWriter(run_dir / "metrics.csv") if run_dir is not None and self.rank == 0 else None
-        self.board = _tensorboard(run_dir) if trainer.logger == "tensorboard" and self.metrics is not None else None
+        self.board = _tensorboard(run_dir) if trainer.logger == "tensorboard" and run_dir is not None \
+            and self.rank == 0 else None
         # progress: where training stands; all of it goes into checkpoints
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.epoch_loss = 0.0  # this epoch's summed loss over the steps already taken (all ranks)
@@ -149,7 +155,7 @@ class Loop:
         self.progress = watchdog.progress()  # where this rank is, for the liveness watchdog: set, never read
         self.rng = checkpoint.RankStreams(self.rank, self.world)
         self.checkpointer = self._checkpointer()
-        self.log.info(f"data: {len(train_set)} train / {len(val_set)} val samples; {batch.describe()}; "
+        self.log.info(f"data: {_size(train_set)} train / {_size(val_set)} val samples; {batch.describe()}; "
                       f"{self.steps_per_epoch} steps per epoch")
 
     # ---------------------------------------------------------------- checkpoints

@@ -63,7 +63,7 @@ def emit_unblocked(level: int, message: str, console_s: float = 1.0) -> None:
     log = get_logger()
     if not log.isEnabledFor(level):
         return
-    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    record = log.makeRecord(log.name, level, __file__, 0, message, (), None)
     handlers = [h for h in log.handlers if record.levelno >= h.level]
     for h in handlers:
         if isinstance(h, logging.FileHandler):

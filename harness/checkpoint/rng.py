@@ -24,7 +24,8 @@ STREAMS = ("torch (CPU)", "CUDA", "numpy", "python")
 
 def rng_state() -> dict[str, Any]:
     """This process's random generators, as tensors and numbers (so weights_only loads them)."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
+    _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # the MT19937 tuple (not a dict)
+    assert isinstance(keys, np.ndarray)
     version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),

@@ -152,8 +152,8 @@ class Store:
             target = self.pointed(pointer)
             if target is not None and not target.is_dir():
                 (self.root / pointer).unlink()
-        here = current is not None and current.parent == self.root and current.is_dir()
-        if here and self.pointed(LATEST) != current:  # a fallback: point past the unreadable one
+        if current is not None and current.parent == self.root and current.is_dir() \
+                and self.pointed(LATEST) != current:  # a fallback: point past the unreadable one
             atomic.write_text(self.root / LATEST, current.name + "\n")
         return [e.name for e in moved]
 

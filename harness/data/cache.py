@@ -119,7 +119,7 @@ def fetch(
     if scheme not in ("file", *REMOTE):
         raise SourceError(f"data.url={url!r}: scheme {scheme!r} is not supported; use https://, http:// or file://")
     root = Path(root).expanduser()
-    opts = {"verify": verify, "offline": offline, "progress": progress, "retries": retries,
+    opts: dict[str, Any] = {"verify": verify, "offline": offline, "progress": progress, "retries": retries,
             "backoff_s": backoff_s, "timeout_s": timeout_s}
     if files:
         if sha256:

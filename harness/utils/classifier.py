@@ -26,7 +26,8 @@ def _new_head(old: nn.Module, n: int) -> nn.Module:
     if isinstance(old, nn.Linear):
         return nn.Linear(old.in_features, n, bias=old.bias is not None, device=w.device, dtype=w.dtype)
     assert isinstance(old, nn.Conv2d)
-    return nn.Conv2d(old.in_channels, n, old.kernel_size, old.stride, bias=old.bias is not None,
+    return nn.Conv2d(old.in_channels, n, old.kernel_size, old.stride,  # type: ignore[arg-type]  # (int, int)
+                     bias=old.bias is not None,
                      device=w.device, dtype=w.dtype)
 
 

@@ -7,6 +7,8 @@ conv -> bn in eval mode only; a fused model is for inference.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -29,8 +31,9 @@ def fuse_conv_and_bn(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, bn: _BatchNorm) ->
     if bn.num_features != conv.out_channels:
         raise ValueError(f"BatchNorm has {bn.num_features} features but the conv {conv.out_channels} outputs")
     w = conv.weight
-    fused = type(conv)(conv.in_channels, conv.out_channels, kernel_size=conv.kernel_size,
-                       stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+    shape: dict[str, Any] = {"kernel_size": conv.kernel_size, "stride": conv.stride, "padding": conv.padding,
+                             "dilation": conv.dilation}  # tuples of the conv's own dimension
+    fused = type(conv)(conv.in_channels, conv.out_channels, **shape,
                        groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
                        device=w.device, dtype=w.dtype).requires_grad_(False)
     with torch.no_grad():
@@ -41,6 +44,7 @@ def fuse_conv_and_bn(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, bn: _BatchNorm) ->
         scale = gamma / torch.sqrt(var + bn.eps)
         b_conv = conv.bias.to(f64) if conv.bias is not None else torch.zeros_like(var)
         fused.weight.copy_((w.to(f64) * scale.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
+        assert fused.bias is not None  # made with bias=True
         fused.bias.copy_(((b_conv - mean) * scale + beta).to(w.dtype))
     return fused
 
@@ -65,12 +69,13 @@ def fuse_model(model: nn.Module) -> nn.Module:
         if isinstance(module, nn.Sequential):
             for conv_name, bn_name in _pairs_in_sequence(module):
                 conv, bn = module._modules[conv_name], module._modules[bn_name]
+                assert isinstance(conv, _CONVS) and isinstance(bn, _BatchNorm)  # _pairs_in_sequence chose them
                 module._modules[conv_name] = fuse_conv_and_bn(conv, bn)
                 module._modules[bn_name] = nn.Identity()
         elif (isinstance(getattr(module, "conv", None), _CONVS)
               and isinstance(getattr(module, "bn", None), _BatchNorm)
               and callable(getattr(module, "forward_fuse", None))):
-            module.conv = fuse_conv_and_bn(module.conv, module.bn)
+            module.conv = fuse_conv_and_bn(module.conv, module.bn)  # type: ignore[arg-type]  # checked above
             delattr(module, "bn")
-            module.forward = module.forward_fuse
+            module.forward = module.forward_fuse  # type: ignore[assignment]  # YOLOv5's convention
     return model

@@ -44,12 +44,10 @@ def is_parallel(model: nn.Module) -> bool:
 def de_parallel(model: nn.Module) -> nn.Module:
     """The model inside DataParallel / DistributedDataParallel / torch.compile wrappers (any nesting)."""
     while True:
-        if is_parallel(model):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
+        inner = getattr(model, "module", None) if is_parallel(model) else getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):  # inner: of a DDP / DataParallel wrapper, or torch.compile's
             return model
+        model = inner
 
 
 def copy_attr(a: object, b: object, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> None:
@@ -76,7 +74,8 @@ def initialize_weights(model: nn.Module) -> None:
 def find_modules(model: nn.Module, mclass: type | tuple[type, ...] = nn.Conv2d) -> list[int]:
     """Indices of the layers that are `mclass` instances: in `model.module_list` when the model has one
     (YOLOv3/Darknet), else in `model.modules()` order."""
-    layers = model.module_list if hasattr(model, "module_list") else list(model.modules())
+    layers = getattr(model, "module_list", None)
+    layers = list(layers.children()) if isinstance(layers, nn.Module) else list(model.modules())
     return [i for i, m in enumerate(layers) if isinstance(m, mclass)]
 
 
