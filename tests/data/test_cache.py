@@ -219,3 +219,39 @@ def test_local_files_and_directories(tmp_path: Path) -> None:
         fetch("ftp://127.0.0.1/x", SHA, tmp_path)
     with pytest.raises(SourceError, match="not 64 hexadecimal digits"):
         fetch("http://127.0.0.1:9/x", "abc", tmp_path)
+
+
+FETCH = ("import sys; from pathlib import Path; from harness.data.cache import fetch; "
+         "print(fetch(sys.argv[1], sys.argv[2], Path(sys.argv[3]), backoff_s=0.01, timeout_s=10.0))")
+
+
+def test_the_lock_holder_killed_mid_download_leaves_the_file_to_the_other_process(server: Server,
+                                                                                 tmp_path: Path) -> None:
+    """Two processes (two jobs on one node) fetch one file; the one holding the lock is SIGKILLed with
+    part of the body written. The kernel drops its lock; the other takes it, adopts the .part, asks
+    for the rest (Range), verifies and puts the file in place: one entry, no partial file."""
+    import signal
+    import subprocess
+    import time
+
+    url = server.add("shared.bin", BODY, "slow", slow_s=1.0)  # the first request: 5 chunks, 1 s apart
+    dest = cache.cache_path(tmp_path, url, SHA)
+    part = dest.with_name(f".{dest.name}.part")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    cmd = [sys.executable, "-c", FETCH, url, SHA, str(tmp_path)]
+    holder = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while not (part.is_file() and part.stat().st_size > 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert part.is_file(), holder.communicate(timeout=30)[0]
+    other = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(0.5)  # the other is waiting for the lock now
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait(timeout=30)
+    out, _ = other.communicate(timeout=60)
+    assert other.returncode == 0, out
+    assert Path(out.strip().splitlines()[-1]) == dest and dest.read_bytes() == BODY
+    assert leftovers(tmp_path) == []
+    assert sorted(p.name for p in dest.parent.iterdir() if not p.name.endswith(".lock")) == [dest.name]
+    first, second = server.requests("shared.bin")
+    assert first.range is None and second.range is not None and second.range != "bytes=0-", server.requests()
