@@ -17,8 +17,9 @@ from importlib import metadata
 import psutil
 import torch
 
-from harness.devices import banner, count_visible_gpus
+from harness.devices import count_visible_gpus
 from harness.env import detect
+from harness.utils.device import banner_for
 from harness.utils.meta import describe_version
 
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
@@ -62,16 +63,15 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _gpus(visible: int) -> tuple[list[tuple[int, str, int]], list[str]]:
+def _gpus(visible: int) -> list[str]:
     if not visible or not torch.cuda.is_available():
-        return [], []
-    gpus, lines = [], []
+        return []
+    lines = []
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
-        gpus.append((i, p.name, p.total_memory))
         lines.append(f"  cuda:{i}: {p.name}, {p.total_memory / (1 << 20):.0f} MiB, "
                      f"compute capability {p.major}.{p.minor}, {p.multi_processor_count} SMs")
-    return gpus, lines
+    return lines
 
 
 def report(environ: Mapping[str, str]) -> str:
@@ -79,9 +79,8 @@ def report(environ: Mapping[str, str]) -> str:
 
     vm = psutil.virtual_memory()
     visible = count_visible_gpus()
-    gpus, gpu_lines = _gpus(visible)
-    head = banner(version=describe_version(), torch_version=torch.__version__, gpus=gpus,
-                  cpu_cores=os.cpu_count(), ram_bytes=vm.total)
+    gpu_lines = _gpus(visible)
+    head = banner_for(range(len(gpu_lines)))
     nccl = dist.is_available() and dist.is_nccl_available()
     nccl_version = ".".join(map(str, torch.cuda.nccl.version())) if nccl else ""
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -27,14 +27,13 @@ from harness import dist as hdist
 from harness import logs, rundir, watchdog
 from harness.devices import (
     DeviceError,
-    banner,
     check_mask_change,
     count_visible_gpus,
     parse_device,
     plan_devices,
 )
 from harness.env import DistEnv, detect, run_id
-from harness.utils.meta import describe_version
+from harness.utils.device import banner_for
 
 
 @dataclass(frozen=True)
@@ -104,17 +103,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _banner(device: torch.device) -> str:
-    import psutil
-
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        return banner(version=describe_version(), torch_version=torch.__version__,
-                      gpus=[(device.index or 0, p.name, p.total_memory)])
-    return banner(version=describe_version(), torch_version=torch.__version__,
-                  cpu_cores=os.cpu_count(), ram_bytes=psutil.virtual_memory().total)
-
-
 @contextmanager
 def session(
     *,
@@ -152,7 +140,7 @@ def session(
             if wd is not None:
                 wd.run_dir = run_dir
             if env.rank == 0:
-                log.info(_banner(dev))
+                log.info(banner_for([dev.index or 0] if dev.type == "cuda" else []))
                 log.info(f"run directory {run_dir} ({env.mode}, world size {env.world_size}, backend {chosen})")
             log.info(f"rank {env.rank}/{env.world_size} (local {env.local_rank}, host {socket.gethostname()}, "
                      f"pid {os.getpid()}) on {dev}; "

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 
 import torch
 
 from harness.batching import plan_batch
 from harness.devices import banner, count_visible_gpus, parse_device, plan_devices
-from harness.utils.meta import date_modified, git_describe
+from harness.utils.meta import describe_version
 
 LOGGER = "harness"  # the name harness/logs.py configures; not imported from there (utils sits below it)
 
@@ -30,6 +31,20 @@ def say(text: str) -> None:
         log.info(text)
     else:
         print(text, flush=True)
+
+
+def banner_for(gpu_ids: Sequence[int]) -> str:
+    """The start-up banner, built one way for every caller (a session, `select_device`, `python -m
+    harness.info`): this checkout's version, torch's, and the GPUs `gpu_ids` (visible indices), or
+    the CPU's cores and RAM when there are none."""
+    import psutil
+
+    gpus = []
+    for i in gpu_ids:
+        p = torch.cuda.get_device_properties(i)
+        gpus.append((i, p.name, p.total_memory))
+    return banner(version=describe_version(), torch_version=torch.__version__, gpus=gpus,
+                  cpu_cores=os.cpu_count(), ram_bytes=psutil.virtual_memory().total)
 
 
 def select_device(
@@ -56,24 +71,9 @@ def select_device(
                         raw=device)
     if batch_size is not None and batch_size > 0:
         plan_batch(batch_size, max(len(plan.ids), 1))
-    if plan.kind == "cpu":
-        if verbose:
-            import psutil
-
-            say(banner(version=_version(), torch_version=torch.__version__, cpu_cores=os.cpu_count(),
-                       ram_bytes=psutil.virtual_memory().total))
-        return torch.device("cpu")
     if verbose:
-        gpus = []
-        for i in plan.ids:
-            p = torch.cuda.get_device_properties(i)
-            gpus.append((i, p.name, p.total_memory))
-        say(banner(version=_version(), torch_version=torch.__version__, gpus=gpus))
-    return torch.device("cuda", plan.ids[0])
-
-
-def _version() -> str:
-    return git_describe() or date_modified()
+        say(banner_for(plan.ids))
+    return torch.device("cpu") if plan.kind == "cpu" else torch.device("cuda", plan.ids[0])
 
 
 def time_sync() -> float:

@@ -65,6 +65,20 @@ def test_select_device_cpu_prints_banner(quiet_logger, capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_the_banner_is_built_one_way_for_select_device_a_session_and_info(quiet_logger, capsys, tmp_path):
+    import harness
+    from harness.info import report
+    from harness.utils.meta import describe_version
+
+    tu.select_device("cpu")
+    printed = capsys.readouterr().out.strip()
+    assert printed == udevice.banner_for([]) and printed.startswith(f"harness {describe_version()} torch ")
+    assert report({}).splitlines()[0] == printed
+    with harness.session(device="cpu", run_root=tmp_path, run_id_override="b", environ={"PATH": "/usr/bin"}):
+        pass
+    assert printed in (tmp_path / "b" / "train.log").read_text()
+
+
 def test_select_device_logs_through_a_configured_logger(quiet_logger, capsys, caplog):
     logging.getLogger(udevice.LOGGER).propagate = True
     with caplog.at_level(logging.INFO, logger=udevice.LOGGER):
