@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     env = detect(os.environ)
     if args.batch % env.world_size:
         raise SystemExit(f"global batch {args.batch} is not divisible by world size {env.world_size}")
-    device = hdist.init(env, backend="gloo", timeout_s=300.0, cuda=False)
+    device = hdist.init(env, backend="gloo", timeout_s=300.0, gpu=None)
     try:
         record = train(args, device)
         out = Path(args.out)

@@ -156,6 +156,56 @@ def check_mask_change(new_mask: str | None, current_mask: str | None, cuda_initi
         )
 
 
+Shape = Literal["launcher", "launched", "worker"]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one process's work goes, decided once for every way of starting it (`place`)."""
+
+    plan: DevicePlan  # the node's processes and their mask: what a launcher starts (plan.nproc workers)
+    mask: str | None  # CUDA_VISIBLE_DEVICES for this process, set before CUDA starts; None: leave it
+    index: int | None  # this process's GPU among those it sees once `mask` is set; None on the CPU
+
+    @property
+    def cuda(self) -> bool:
+        return self.index is not None
+
+
+def place(device: object, *, shape: Shape, visible_gpus: int, current_mask: str | None, cuda_initialized: bool,
+          nproc: int = 0, local_rank: int = 0, local_world_size: int = 1) -> Placement:
+    """Which devices a process uses, for every start shape (pure: the caller passes in the facts).
+
+    - `launcher`: `python -m harness.train` before it starts its workers: `plan_devices` over
+      `dist.nproc` (`nproc`); training in-process (one process) uses the plan's mask itself.
+    - `launched`: a process our launcher started (or the launcher training in-process): the mask is
+      already set; each process uses visible GPU `local_rank` (0 when it sees one).
+    - `worker`: started by torchrun or srun. Explicit ids (`device=2,3`) become this process's mask, one
+      id per local rank; otherwise the GPUs it sees are used as they are: visible GPU `local_rank`, or
+      GPU 0 when a scheduler gives each task one GPU (`srun --gpus-per-task=1`).
+    """
+    request = parse_device(device)
+    if shape == "launcher":
+        plan = plan_devices(request, visible_gpus=visible_gpus, nproc=nproc, current_mask=current_mask, raw=device)
+        if plan.nproc > 1:  # the workers get the mask; this process starts no CUDA of its own
+            return Placement(plan, None, None)
+        check_mask_change(plan.cuda_visible_devices, current_mask, cuda_initialized)
+        return Placement(plan, plan.cuda_visible_devices, 0 if plan.kind == "cuda" else None)
+    if request.kind != "cpu" and visible_gpus == 0 and request.kind != "auto":
+        raise DeviceError(f"device={_as_text(device)!r} asks for CUDA GPUs, but none is visible "
+                          f"(CUDA_VISIBLE_DEVICES={current_mask!r}); use device=cpu")
+    if request.kind == "cpu" or visible_gpus == 0:
+        return Placement(DevicePlan("cpu", (), local_world_size, None), None, None)
+    mask, seen = None, visible_gpus
+    if shape == "worker" and request.ids is not None:  # torchrun/srun with device=2,3: pin them here
+        plan = plan_devices(request, visible_gpus=visible_gpus, nproc=local_world_size, current_mask=current_mask,
+                            raw=device)
+        mask, seen = plan.cuda_visible_devices, len(plan.ids)
+        check_mask_change(mask, current_mask, cuda_initialized)
+    plan = DevicePlan("cuda", tuple(range(seen)), local_world_size, mask)
+    return Placement(plan, mask, 0 if seen == 1 else local_rank)
+
+
 def _describe(request: DeviceRequest) -> str:
     if request.ids is None:
         return request.kind

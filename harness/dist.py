@@ -18,24 +18,21 @@ from harness.env import DistEnv
 _ENV: DistEnv = DistEnv("launcher")
 
 
-def init(env: DistEnv, *, backend: str, timeout_s: float, cuda: bool) -> torch.device:
-    """Pick this rank's device and, for world size > 1, join the process group."""
+def init(env: DistEnv, *, backend: str, timeout_s: float, gpu: int | None) -> torch.device:
+    """Use visible GPU `gpu` (None: the CPU; which one is devices.place's decision) and, for world
+    size > 1, join the process group."""
     global _ENV
     _ENV = env
-    if cuda:
-        # a task that sees one GPU (srun --gpus-per-task) uses it; else visible GPU LOCAL_RANK
-        index = 0 if torch.cuda.device_count() == 1 else env.local_rank
-        device = torch.device("cuda", index)
+    device = torch.device("cpu") if gpu is None else torch.device("cuda", gpu)
+    if gpu is not None:
         torch.cuda.set_device(device)  # before init: NCCL binds the current device
-    else:
-        device = torch.device("cpu")
     if env.world_size > 1 and not dist.is_initialized():
         kwargs: dict = {"backend": backend, "timeout": timedelta(seconds=timeout_s)}
         if env.mode == "slurm":
             # rank 0 hosts the store on the first node; every task knows the address from the hostlist
             kwargs.update(init_method=f"tcp://{env.master_addr}:{env.master_port}",
                           rank=env.rank, world_size=env.world_size)
-        if cuda:
+        if gpu is not None:
             kwargs["device_id"] = device
         dist.init_process_group(**kwargs)
     return device

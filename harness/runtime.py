@@ -25,13 +25,7 @@ import torch
 
 from harness import dist as hdist
 from harness import logs, rundir, watchdog
-from harness.devices import (
-    DeviceError,
-    check_mask_change,
-    count_visible_gpus,
-    parse_device,
-    plan_devices,
-)
+from harness.devices import Placement, count_visible_gpus, parse_device, place
 from harness.env import DistEnv, detect, run_id
 from harness.utils.device import banner_for
 
@@ -55,26 +49,19 @@ class Session:
         return self.env.rank == 0
 
 
-def _worker_uses_cuda(device: object, env: DistEnv, environ: Mapping[str, str]) -> bool:
-    """Decide CPU or CUDA in this process, and pin explicit GPU ids before CUDA starts.
+def _placement(device: object, env: DistEnv, environ: Mapping[str, str]) -> Placement:
+    """This process's devices (devices.place), from the facts here; pins its mask before CUDA starts.
 
     Our own launcher already set the mask for its workers (HARNESS_LAUNCHED marks them); under plain
-    torchrun or srun, `device=2,3` becomes CUDA_VISIBLE_DEVICES=2,3 here, one id per local rank.
-    """
-    request = parse_device(device)
-    if request.kind == "cpu":
-        return False
-    visible = count_visible_gpus()
-    if request.kind == "auto" or request.ids is None or "HARNESS_LAUNCHED" in environ:
-        if request.kind != "auto" and visible == 0:
-            raise DeviceError(f"device={device!r} asks for CUDA GPUs, but none is visible; use device=cpu")
-        return visible > 0
-    plan = plan_devices(request, visible_gpus=visible, nproc=env.local_world_size,
-                        current_mask=environ.get("CUDA_VISIBLE_DEVICES"), raw=device)
-    # CUDA reads the mask once, when it starts: refuse to change it after that, rather than be ignored
-    check_mask_change(plan.cuda_visible_devices, environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.is_initialized())
-    os.environ["CUDA_VISIBLE_DEVICES"] = plan.cuda_visible_devices or ""
-    return True
+    torchrun or srun, or a script of one's own, `device=2,3` becomes CUDA_VISIBLE_DEVICES=2,3 here."""
+    current = environ.get("CUDA_VISIBLE_DEVICES")
+    visible = 0 if parse_device(device).kind == "cpu" else count_visible_gpus()  # NVML only when asked
+    placement = place(device, shape="launched" if "HARNESS_LAUNCHED" in environ else "worker",
+                      visible_gpus=visible, current_mask=current, cuda_initialized=torch.cuda.is_initialized(),
+                      local_rank=env.local_rank, local_world_size=env.local_world_size)
+    if placement.mask is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = placement.mask
+    return placement
 
 
 def _deterministic(on: bool) -> Callable[[], None]:
@@ -123,12 +110,12 @@ def session(
     env = detect(environ)
     if env.mode == "launcher":
         env = DistEnv("launcher", restart_count=env.restart_count)  # one process: rank 0 of 1
-    cuda = _worker_uses_cuda(device, env, environ)
+    placement = _placement(device, env, environ)
     restore = _deterministic(deterministic)
-    chosen = backend if backend != "auto" else ("nccl" if cuda else "gloo")
+    chosen = backend if backend != "auto" else ("nccl" if placement.cuda else "gloo")
     log = logs.setup_console(env.rank)
     try:
-        dev = hdist.init(env, backend=chosen, timeout_s=timeout_s, cuda=cuda)
+        dev = hdist.init(env, backend=chosen, timeout_s=timeout_s, gpu=placement.index)
         with watchdog.watching(liveness) as wd:
             root = Path(run_root)
             rid = run_id_override or run_id(environ)

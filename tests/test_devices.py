@@ -12,6 +12,7 @@ from harness.devices import (
     banner,
     check_mask_change,
     parse_device,
+    place,
     plan_devices,
     worker_mask,
 )
@@ -136,3 +137,44 @@ def test_banner() -> None:
     assert cpu == "harness v1 torch 2.13.0 CPU (2 cores, 24.0 GB RAM)"
     gpu = banner(version="v1", torch_version="2.13.0", gpus=[(0, "NVIDIA H100", 80 << 30)])
     assert gpu == "harness v1 torch 2.13.0 CUDA:0 (NVIDIA H100, 81920MiB)"
+
+
+# --- place: one decision for every start shape ------------------------------------------------------
+FACTS = {"visible_gpus": 8, "current_mask": None, "cuda_initialized": False}
+
+
+@pytest.mark.parametrize(("device", "shape", "facts", "expected"), [
+    # the launcher: its plan for the workers; one process trains here with the plan's mask
+    ("0,1", "launcher", {}, (2, "0,1", None, None)),
+    ("0,1", "launcher", {"visible_gpus": 2, "current_mask": "4,5"}, (2, "4,5", None, None)),  # a scheduler's mask
+    ("3", "launcher", {}, (1, "3", "3", 0)),
+    ("cpu", "launcher", {"nproc": 4}, (4, None, None, None)),
+    ("", "launcher", {"visible_gpus": 0}, (1, None, None, None)),
+    # a process our launcher started: the mask is set already; visible GPU LOCAL_RANK
+    ("0,1", "launched", {"visible_gpus": 2, "local_rank": 1, "local_world_size": 2}, (2, None, None, 1)),
+    ("3", "launched", {"visible_gpus": 1}, (1, None, None, 0)),
+    # torchrun / srun: explicit ids are pinned here, one per local rank, through the scheduler's mask
+    ("2,3", "worker", {"local_rank": 1, "local_world_size": 2}, (2, "2,3", "2,3", 1)),
+    ("0,1", "worker", {"visible_gpus": 4, "current_mask": "4,5,6,7", "local_rank": 0, "local_world_size": 2},
+     (2, "4,5", "4,5", 0)),
+    ("", "worker", {"local_rank": 5, "local_world_size": 8}, (8, None, None, 5)),
+    # srun --gpus-per-task=1: each task sees its own GPU only, and uses it
+    ("cuda", "worker", {"visible_gpus": 1, "local_rank": 3, "local_world_size": 4}, (4, None, None, 0)),
+    ("", "worker", {"visible_gpus": 0, "local_rank": 1, "local_world_size": 2}, (2, None, None, None)),
+    ("cpu", "worker", {"local_rank": 1, "local_world_size": 2}, (2, None, None, None)),
+])
+def test_place_decides_every_start_shape(device: str, shape: str, facts: dict, expected: tuple) -> None:
+    p = place(device, shape=shape, **{**FACTS, **facts})  # type: ignore[arg-type]
+    assert (p.plan.nproc, p.plan.cuda_visible_devices, p.mask, p.index) == expected
+    assert p.cuda == (expected[3] is not None)
+
+
+def test_place_refuses_what_cannot_be_met() -> None:
+    with pytest.raises(DeviceError, match=r"device='cuda' asks for CUDA GPUs, but none is visible"):
+        place("cuda", shape="worker", **{**FACTS, "visible_gpus": 0})
+    with pytest.raises(DeviceError, match=r"asks for GPU 2, but only 2 visible"):
+        place("0,2", shape="worker", local_world_size=2, **{**FACTS, "visible_gpus": 2})
+    with pytest.raises(DeviceError, match=r"CUDA is already initialised .* cannot change to '1'"):
+        place("1", shape="worker", **{**FACTS, "cuda_initialized": True, "current_mask": "0,1"})
+    with pytest.raises(DeviceError, match=r"dist.nproc=2 contradicts device='0'"):
+        place("0", shape="launcher", nproc=2, **FACTS)

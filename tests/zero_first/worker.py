@@ -50,7 +50,7 @@ def main() -> int:
 
     env = detect(os.environ)
     out = Path(a.out)
-    hdist.init(env, backend="gloo", timeout_s=60.0, cuda=False)
+    hdist.init(env, backend="gloo", timeout_s=60.0, gpu=None)
     # the attempt: torchrun's restart count, or ZF_ATTEMPT where a test replays a membership change
     attempt = int(os.environ.get("ZF_ATTEMPT", env.restart_count))
     tag = f"rank{env.rank}-a{attempt}"
