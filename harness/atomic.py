@@ -1,6 +1,7 @@
 """Atomic file writes: a file is either its old content or its new content, also after a crash.
 
-Owns the one way harness replaces a file (checkpoints, the data cache, `config.yaml`, `metrics.csv`):
+Owns the one way harness replaces a file (checkpoints, the data cache, `config.yaml`, `metrics.csv`,
+`results.png`, the PREEMPTED marker, torchrun's error file):
 write a temporary file in the same directory (a rename is atomic only within one file system), flush
 and fsync it (else a crash after the rename can leave a renamed but empty file), rename it over the
 target, then fsync the directory (else the rename itself may be lost). Pure standard library.

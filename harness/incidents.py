@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness import atomic
 from harness.health import Verdict
 
 FILE = "incidents.jsonl"
@@ -75,5 +76,5 @@ def write_error_file(verdict: Verdict) -> None:
     lost_at = (verdict.time or time.time()) - verdict.seconds
     data = {"message": {"message": f"PeerLostError: {verdict.line()}",
                         "extraInfo": {"py_callstack": text, "timestamp": str(int(lost_at))}}}
-    with contextlib.suppress(OSError):
-        Path(path).write_text(json.dumps(data))
+    with contextlib.suppress(OSError):  # torchrun reads it as JSON: whole or absent, never half
+        atomic.write_text(Path(path), json.dumps(data), sync_dir=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from harness import atomic
+
 
 def plot_results(metrics_csv: Path, out: Path) -> Path | None:
     """One panel per numeric column of interest against the epoch; returns the file, or None if no rows."""
@@ -24,6 +26,7 @@ def plot_results(metrics_csv: Path, out: Path) -> Path | None:
         ax.plot(epochs, [float(r[key]) for r in rows], marker=".", linewidth=2, markersize=6)
         ax.set_title(key)
         ax.set_xlabel("epoch")
-    fig.savefig(out, dpi=120)
+    with atomic.open_atomic(out, "wb") as f:  # a run killed while drawing leaves the previous plot, not half of one
+        fig.savefig(f, dpi=120, format="png")
     plt.close(fig)
     return out

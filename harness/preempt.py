@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from harness import atomic
+
 NONE, PREEMPT, TERMINATE = 0, 1, 2  # the all-reduce takes the max: terminate wins
 MARKER = "PREEMPTED"
 EXIT_PREEMPTED = 3  # `python -m harness.train` exits with this when the run was preempted (requeue it)
@@ -87,7 +89,7 @@ class SignalWatch:
 
 
 def write_marker(run_dir: Path, text: str) -> None:
-    (run_dir / MARKER).write_text(text)
+    atomic.write_text(run_dir / MARKER, text)
 
 
 def clear_marker(run_dir: Path) -> None:

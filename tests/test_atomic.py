@@ -65,3 +65,21 @@ def test_config_yaml_is_written_atomically(tmp_path: Path) -> None:
     rundir.write_config(tmp_path, "seed: 0\n")
     rundir.write_config(tmp_path, "seed: 1\n")
     assert (tmp_path / "config.yaml").read_text() == "seed: 1\n" and os.listdir(tmp_path) == ["config.yaml"]
+
+
+def test_nothing_in_harness_replaces_a_file_except_through_this_module() -> None:
+    """A whole-file write anywhere else (write_text, write_bytes, open(..., "w"), savefig to a path,
+    torch.save to a path) could be left half-written by a crash. Appends (logs, incidents.jsonl,
+    metrics rows) and the cache's resumable .part ("ab") are not replacements."""
+    import re
+
+    import harness
+
+    root = Path(harness.__file__).parent
+    pattern = re.compile(r"(?<!atomic)\.write_(text|bytes)\(|open\([^)]*[\"']wb?[\"']|savefig\((?!f\b)|"
+                         r"torch\.save\((?![^,]+, f\))")
+    found = [f"{p.relative_to(root)}:{i}: {line.strip()}"
+             for p in sorted(root.rglob("*.py")) if p.name != "atomic.py"
+             for i, line in enumerate(p.read_text().splitlines(), 1)
+             if pattern.search(line) and "part.path" not in line]  # the cache's .part: atomic.publish puts it
+    assert found == [], found
