@@ -8,7 +8,8 @@ Owns the batch script's decisions, written once instead of copied into six scrip
   shell assignments and the attempt line for the script to `eval`;
 - epilogue (after the step): from the step's exit code, the PREEMPTED marker and this attempt's
   incidents, decide whether to requeue (preempted: exit 3; a peer lost: exit 4), bounded by
-  HARNESS_MAX_REQUEUES, and do it (`scontrol requeue`, then the task count reset).
+  HARNESS_MAX_REQUEUES, and do it (`scontrol requeue`, then the task count reset). The same
+  `requeue` serves a preempted point of a submitit sweep (harness/train.py calls it there).
 
 The scripts find this module with `$PYTHON -m`, never by their own path (under sbatch a script
 runs from Slurm's spool copy). What stays in each script's shell: the step itself, the signal traps
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -105,16 +107,32 @@ def decide(rc: int, *, terminated: bool, preempted: bool, lost: str) -> tuple[st
     return None
 
 
-def requeue(why: str, code: int, run_dir: Path, environ: Mapping[str, str]) -> int:
-    """Put the job back in the queue (it keeps its id, so the next attempt resumes in `run_dir`) and
-    return `code`; refuse beyond HARNESS_MAX_REQUEUES. The caller ignores SIGTERM: the requeue sends
-    it to the batch shell and its children (SIGKILL after KillWait), and the update must still run."""
-    job, limit = environ["SLURM_JOB_ID"], max_requeues(environ)
+def job_spec(environ: Mapping[str, str]) -> str:
+    """This job for scontrol: an array task as <array job>_<task> (its SLURM_JOB_ID is not always its own)."""
+    if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+    return environ["SLURM_JOB_ID"]
+
+
+def in_sweep_job(environ: Mapping[str, str]) -> bool:
+    """A point of a Hydra sweep run by submitit (hydra/launcher=slurm): its batch script is submitit's."""
+    return environ.get("SUBMITIT_EXECUTOR") == "slurm" and "SLURM_JOB_ID" in environ
+
+
+def requeue(why: str, code: int, run_dir: Path | None, environ: Mapping[str, str]) -> int:
+    """Put the job back in the queue (it keeps its id, so the next attempt resumes in its run directory)
+    and return `code`; refuse beyond HARNESS_MAX_REQUEUES. SIGTERM is ignored from here on, in this
+    process and its children: the requeue sends it to every process of the job (SIGKILL after
+    KillWait), and the task count update must still run."""
+    job, limit = job_spec(environ), max_requeues(environ)
+    where = f"{run_dir}/checkpoints/latest" if run_dir is not None else "its newest checkpoint"
     if int(environ.get("SLURM_RESTART_COUNT") or 0) >= limit:
-        print(f"harness: {why} after {limit} requeues already (HARNESS_MAX_REQUEUES={limit}); not requeueing; "
-              f"resume it with trainer.resume={run_dir}", file=sys.stderr, flush=True)
+        resume = f"; resume it with trainer.resume={run_dir}" if run_dir is not None else ""
+        print(f"harness: {why} after {limit} requeues already (HARNESS_MAX_REQUEUES={limit}); not requeueing"
+              f"{resume}", file=sys.stderr, flush=True)
         return code
-    print(f"harness: {why}; requeueing job {job} (it resumes from {run_dir}/checkpoints/latest)", flush=True)
+    print(f"harness: {why}; requeueing job {job} (it resumes from {where})", flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if subprocess.run(["scontrol", "requeue", job]).returncode != 0:
         print(f"harness: job {job} not requeued (Slurm refused: submitted with --no-requeue?)",
               file=sys.stderr, flush=True)

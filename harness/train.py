@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from harness import preempt, rundir
+from harness import preempt, rundir, slurm
 from harness.batching import BatchSizeError, plan_batch
 from harness.checkpoint import CheckpointError
 from harness.config import ConfigError, compose, conf_dir, quote_device_override, register_configs, to_config
@@ -101,6 +101,8 @@ def _search_path_override(hc) -> list[str]:
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     code = launch(cfg)
+    if code == preempt.EXIT_PREEMPTED and slurm.in_sweep_job(os.environ):  # a submitit sweep's point
+        code = slurm.requeue("preempted", code, None, os.environ)
     if code:
         sys.exit(code)
 

@@ -1,12 +1,13 @@
 """Preemption on a real Slurm controller: USR2 mid-training -> the workers save at a step boundary
 and write PREEMPTED -> the batch script requeues the job -> the requeued job resumes from its newest checkpoint and
-ends with the same weights as a run that was never interrupted. SIGTERM never requeues, and
-HARNESS_MAX_REQUEUES bounds the requeues."""
+ends with the same weights as a run that was never interrupted. SIGTERM never requeues,
+HARNESS_MAX_REQUEUES bounds the requeues, and a preempted point of a submitit sweep requeues itself."""
 
 from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 from harness import checkpoint
 from tests.conftest import clean_env, harness_cmd
 from tests.runs import digests, epochs
-from tests.slurm.conftest import assert_not_requeued, job_env, submit, wait_for
+from tests.slurm.conftest import assert_not_requeued, cancel, job_env, submit, unique_name, wait_for
 
 pytestmark = pytest.mark.slurm
 EPOCHS = 10
@@ -114,3 +115,35 @@ def test_harness_max_requeues_bounds_the_requeues(tmp_path: Path, cache_dir: Pat
     assert (run_dir / "PREEMPTED").exists() and (run_dir / "checkpoints" / "latest").is_file()
     assert not (run_dir / "metrics.csv").exists() or len(epochs(run_dir)) < EPOCHS  # stopped, resumable
     assert_not_requeued(job)
+
+
+SWEEP_TIMEOUT = 300  # no accounting database: submitit reads results from its files; a lost job would hang it
+
+
+@pytest.mark.timeout(SWEEP_TIMEOUT + 30)
+def test_usr2_in_a_submitit_sweep_requeues_that_point_and_it_resumes(tmp_path: Path, cache_dir: Path) -> None:
+    """hydra/launcher=slurm: the point's launcher saves on USR2 and requeues its own job (harness.slurm.requeue);
+    the requeued job reruns the same point, resumes from its checkpoint, and the sweep completes."""
+    name = unique_name("sweep-preempt")
+    argv = [sys.executable, "-m", "harness.train", "-m", "hydra/launcher=slurm", f"hydra.launcher.name={name}",
+            "hydra.launcher.cpus_per_task=1", *JOB[:1], "trainer.epochs=3", *JOB[2:], "device=cpu", "optim.lr=0.1"]
+    sweep = subprocess.Popen(argv, cwd=tmp_path, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    try:
+        signal_when_training({name: tmp_path}, "USR2", timeout=SWEEP_TIMEOUT)
+        out, _ = sweep.communicate(timeout=SWEEP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        sweep.kill()
+        cancel(name)
+        pytest.fail(f"the sweep did not finish within {SWEEP_TIMEOUT} s; its jobs were cancelled")
+    assert sweep.returncode == 0, out
+    runs = tmp_path / "runs"
+    [run_dir] = [p for p in runs.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    job = re.fullmatch(r"slurm-(\d+(?:_0)?)-0", run_dir.name)  # one point: a plain job, not an array
+    assert job, run_dir.name
+    job_log = "".join(p.read_text() for p in runs.rglob("*_log.out"))  # submitit's logs of the job's attempts
+    assert f"harness: preempted; requeueing job {job.group(1)}" in job_log, job_log[-3000:]
+    train_log = (run_dir / "train.log").read_text()
+    assert train_log.count("resumed from") == 1 and not (run_dir / "PREEMPTED").exists(), train_log
+    assert epochs(run_dir) == [1, 2, 3]  # every epoch once, across the two attempts
+    assert checkpoint.load(run_dir)["progress"]["epoch"] == 3

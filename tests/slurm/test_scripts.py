@@ -13,7 +13,7 @@ import pytest
 
 from harness import incidents
 from harness.health import Verdict
-from harness.slurm import decide
+from harness.slurm import decide, in_sweep_job, job_spec
 from tests.conftest import REPO, clean_env
 from tests.slurm.conftest import SCRIPTS
 
@@ -107,6 +107,13 @@ def test_what_requeues_and_with_which_exit_code() -> None:
     assert decide(0, terminated=False, preempted=False, lost="") is None  # finished
     assert decide(2, terminated=False, preempted=False, lost="") is None  # a rank raised: it would again
     assert decide(143, terminated=True, preempted=True, lost="rank 1 lost") is None  # SIGTERM: never
+
+
+def test_which_job_scontrol_is_told_to_requeue() -> None:
+    assert job_spec({"SLURM_JOB_ID": "7"}) == "7"
+    assert job_spec({"SLURM_JOB_ID": "3", "SLURM_ARRAY_JOB_ID": "3", "SLURM_ARRAY_TASK_ID": "1"}) == "3_1"
+    assert in_sweep_job({"SLURM_JOB_ID": "3", "SUBMITIT_EXECUTOR": "slurm"})
+    assert not in_sweep_job({"SLURM_JOB_ID": "3"}) and not in_sweep_job({"SUBMITIT_EXECUTOR": "slurm"})
 
 
 def epilogue(run_dir: Path, rc: int, since: float, **env: str) -> subprocess.CompletedProcess[str]:
