@@ -1,9 +1,11 @@
 """Typed configuration: the schema every YAML file under conf/ is merged onto.
 
 Owns: the dataclasses (one per concern, one home per default, a comment per field), their
-registration in Hydra's ConfigStore, the cross-field checks (`__post_init__` runs when
-`to_config` turns a composed DictConfig into these objects), where conf/ lives, and the small
-argv fix that lets `device=0,1` reach our device parser outside multirun.
+registration in Hydra's ConfigStore, composing conf/ with overrides outside Hydra's own `@main`
+(`compose`: the one way workers, `harness.profile`, the Slurm scripts and the tests do it), the
+cross-field checks (`__post_init__` runs when `to_config` turns a composed DictConfig into these
+objects), where conf/ lives, and the small argv fix that lets `device=0,1` reach our device parser
+outside multirun. Importing it has no side effects and does not import Hydra or torch.
 
 The user-pluggable parts (model, dataset, loss, metric, optimizer) are `_target_` nodes typed
 `Any`: Hydra instantiates them; everything the harness itself reads is typed here.
@@ -12,6 +14,7 @@ The user-pluggable parts (model, dataset, loss, metric, optimizer) are `_target_
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,6 +215,24 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="harness_schema", node=Config)
     if not OmegaConf.has_resolver("harness.asset"):
         OmegaConf.register_new_resolver("harness.asset", asset_url)
+
+
+def compose(overrides: Sequence[str]) -> DictConfig:
+    """conf/config.yaml with `overrides`, as the launcher's Hydra would compose it, without Hydra's run
+    directory or logging set-up. Raises ConfigError with Hydra's words (and the cause, which names
+    the key) for an unknown key, a wrong type, a missing group option or a bad override."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return hydra_compose("config", overrides=quote_device_override(list(overrides)))
+    except (HydraException, OmegaConfBaseException) as exc:
+        cause = f"\n{exc.__cause__}" if exc.__cause__ is not None else ""
+        raise ConfigError(f"{exc}{cause}") from exc
 
 
 def to_config(cfg: DictConfig) -> Config:

@@ -23,22 +23,12 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from harness.batching import BatchSizeError, plan_batch
-from harness.config import ConfigError, conf_dir, quote_device_override, register_configs, to_config
+from harness.config import ConfigError, compose, to_config
 from harness.devices import DeviceError, count_visible_gpus, parse_device, plan_devices
 from harness.utils.torch_utils import model_info, profile, select_device
 
 EXIT_USER_ERROR = 2
 USER_ERRORS = (DeviceError, BatchSizeError, ConfigError, HydraException, OmegaConfBaseException)
-
-
-def compose(overrides: list[str]) -> DictConfig:
-    """The job's config, composed as harness/train.py's worker() does (no Hydra run directory)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return hydra_compose("config", overrides=quote_device_override(overrides))
 
 
 def _shape(text: str) -> tuple[int, ...]:

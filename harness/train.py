@@ -20,10 +20,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from harness import preempt, rundir
+from harness import preempt, rundir, slurm
 from harness.batching import BatchSizeError, plan_batch
 from harness.checkpoint import CheckpointError
-from harness.config import ConfigError, conf_dir, quote_device_override, register_configs, to_config
+from harness.config import ConfigError, compose, conf_dir, quote_device_override, register_configs, to_config
 from harness.data.archive import ArchiveError
 from harness.data.cache import SourceError
 from harness.devices import DeviceError, check_mask_change, count_visible_gpus, parse_device, plan_devices
@@ -101,6 +101,8 @@ def _search_path_override(hc) -> list[str]:
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     code = launch(cfg)
+    if code == preempt.EXIT_PREEMPTED and slurm.in_sweep_job(os.environ):  # a submitit sweep's point
+        code = slurm.requeue("preempted", code, None, os.environ)
     if code:
         sys.exit(code)
 
@@ -112,19 +114,8 @@ def worker(argv: list[str]) -> None:
     if flags:
         raise SystemExit(f"error: {flags[0]!r}: under torchrun or srun pass overrides only "
                          "(sweeps with -m run from the launcher: python -m harness.train -m ...)")
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = compose("config", overrides=quote_device_override(argv))
-    except (HydraException, OmegaConfBaseException) as exc:  # unknown key, wrong type: Hydra's words
-        cause = f"\n{exc.__cause__}" if exc.__cause__ is not None else ""
-        print(f"error: {exc}{cause}", file=sys.stderr)
-        raise SystemExit(EXIT_USER_ERROR) from None
-    try:
-        result = run_job(cfg, run_id=run_id(os.environ))
+        result = run_job(compose(argv), run_id=run_id(os.environ))  # compose: ConfigError in Hydra's words
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None

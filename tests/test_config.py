@@ -5,20 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from harness.config import Config, ConfigError, conf_dir, quote_device_override, register_configs, to_config
+from harness.config import Config, ConfigError, compose, conf_dir, quote_device_override, to_config
 
 CONF = conf_dir()
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 
 
 def _compose(overrides: list[str]) -> Config:
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return to_config(compose("config", overrides=overrides))
+    return to_config(compose(overrides))
 
 
 def _options() -> list[str]:
@@ -56,12 +53,16 @@ def test_overrides() -> None:
 
 
 def test_unknown_key_and_wrong_type_name_the_key() -> None:
-    with pytest.raises(ConfigCompositionException) as err:
+    """compose's ConfigError carries Hydra's message and its cause's (which names the key)."""
+    with pytest.raises(ConfigError) as err:
         _compose(["trainer.foo=1"])
-    assert "trainer.foo" in str(err.value) and "Key 'foo' not in 'TrainerConfig'" in str(err.value.__cause__)
-    with pytest.raises(ConfigCompositionException) as err:
+    assert "trainer.foo" in str(err.value) and "Key 'foo' not in 'TrainerConfig'" in str(err.value)
+    assert isinstance(err.value.__cause__, ConfigCompositionException)
+    with pytest.raises(ConfigError) as err:
         _compose(["trainer.epochs=abc"])
-    assert isinstance(err.value.__cause__, ValidationError) and "trainer.epochs" in str(err.value.__cause__)
+    assert "trainer.epochs" in str(err.value) and isinstance(err.value.__cause__.__cause__, ValidationError)
+    with pytest.raises(ConfigError, match="Could not find 'model/nope'"):
+        _compose(["model=nope"])
 
 
 @pytest.mark.parametrize(("override", "words"), [
@@ -96,9 +97,7 @@ def test_every_config_file_is_instantiated_not_only_composed(option: str) -> Non
 
     from harness.data.cache import fetch_configured
 
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[option])
+    cfg = compose([option])
     c = to_config(cfg)
     model = instantiate(cfg.model)
     assert isinstance(model, torch.nn.Module) and sum(p.numel() for p in model.parameters()) > 0

@@ -88,11 +88,12 @@ def wait_for(proc: subprocess.Popen[str], name: str, output: Path, timeout: floa
     return Job(job_id, name, proc.returncode, output)
 
 
-def submit(script: str, *overrides: str, cwd: Path, tag: str) -> tuple[subprocess.Popen[str], str, Path]:
-    """Start `sbatch --wait` in the background; returns (process, job name, output file)."""
+def submit(script: str, *overrides: str, cwd: Path, tag: str, **env: str) -> tuple[subprocess.Popen[str], str, Path]:
+    """Start `sbatch --wait` in the background (the job inherits `env` too); returns (process, job name,
+    output file)."""
     name = unique_name(tag)
     proc = subprocess.Popen(sbatch_argv(script, *overrides, cwd=cwd, name=name),
-                            cwd=cwd, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=cwd, env=job_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, name, cwd / f"{name}.out"
 
 
