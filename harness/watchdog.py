@@ -39,7 +39,7 @@ import psutil
 import torch.distributed as dist
 
 from harness import dist as hdist
-from harness import fencing, health, incidents, logs
+from harness import errors, fencing, health, incidents, logs
 from harness.config import ON_STALL
 from harness.health import Identity, Keys, Member, PeerWatch, Progress, Verdict
 
@@ -236,6 +236,9 @@ class Watchdog:
 
     # ------------------------------------------------------------------ actions
     def _report(self, verdict: Verdict, first: bool) -> None:
+        if verdict.extra.get("interrupted"):  # Ctrl-C reaches every rank: no failure, no incident
+            logs.emit_unblocked(logging.INFO, f"{verdict.line()}; stopping too")
+            return
         stack = f"\n  its main thread:\n{verdict.stack}" if verdict.stack else ""
         logs.emit_unblocked(logging.ERROR, f"{verdict.line()}{stack}")
         if first:
@@ -268,7 +271,8 @@ class Watchdog:
                     self._linger(self._own, expected=len(self.table) - (verdict.kind in ("dead", "gone")))
         if self._done.wait(LEAVING_S if self.leaving else GRACE_S):
             return  # the main thread finished on its own
-        os._exit(EXIT_PEER_LOST)  # every handler flushed its record already (the console's, if it could)
+        # every handler flushed its record already (the console's, if it could)
+        os._exit(errors.peer_exit_code(PeerLostError(verdict)))
 
     def _linger(self, store: Any, expected: int) -> None:
         deadline = time.monotonic() + 2 * self.config.period + 1.0
@@ -305,11 +309,13 @@ class Watchdog:
             return
         subject = {**asdict(self.me), "step": self.progress.step, "phase": self.progress.phase}
         text = str(exc).splitlines()[0][:500] if str(exc) else ""
-        verdict = Verdict("failed", subject, 0.0, f"{type(exc).__name__}: {text}".rstrip(": "), self.me.rank,
-                          self.keys.attempt, time=time.time())
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        verdict = Verdict("failed", subject, 0.0, "interrupted (SIGINT)" if interrupted else
+                          f"{type(exc).__name__}: {text}".rstrip(": "), self.me.rank, self.keys.attempt,
+                          time=time.time(), extra={"user_error": errors.is_user_error(exc), "interrupted": interrupted})
         with contextlib.suppress(Exception):
             won = self._main.post_verdict(verdict)
-            if won == verdict:
+            if won == verdict and not interrupted:
                 incidents.append(self.run_dir, verdict)
             self.verdict = won
             if self.hosts_store:
