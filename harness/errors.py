@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from hydra.errors import HydraException
+from hydra.errors import HydraException, InstantiationException
 from omegaconf.errors import OmegaConfBaseException
 
 EXIT_USER_ERROR = 2
@@ -45,7 +45,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def is_user_error(exc: BaseException) -> bool:
-    return isinstance(exc, user_errors())
+    # Hydra wraps whatever a user's constructor raises (a bug, with a traceback to show) in an
+    # InstantiationException: only composing is the user's configuration
+    return isinstance(exc, user_errors()) and not isinstance(exc, InstantiationException)
 
 
 def names_user_error(text: str) -> bool:
@@ -76,6 +78,8 @@ def reporting(also: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
     try:
         yield
     except user_errors() + also as exc:
+        if not isinstance(exc, also) and not is_user_error(exc):
+            raise
         print(message(exc), file=sys.stderr)
         raise Leave(EXIT_USER_ERROR) from None
     except PeerLostError as exc:  # the watchdog has logged the one report; no traceback on top of it
