@@ -69,9 +69,10 @@ class Leave(SystemExit):
 
 
 @contextmanager
-def reporting(also: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+def reporting(also: tuple[type[BaseException], ...] = (), interrupted: str | None = "interrupted") -> Iterator[None]:
     """Leave on a user error (user_errors(), plus an entry point's own `also`) with its `error:` line
-    and exit 2, and on Ctrl-C with one line and exit 130, instead of a traceback (raises Leave)."""
+    and exit 2, and on Ctrl-C with the line `interrupted` (None: silent, as workers are, whose
+    launcher says it once for all) and exit 130, instead of a traceback (raises Leave)."""
     from harness.watchdog import PeerLostError
     from harness.zero_first import ZeroFirstError
 
@@ -88,7 +89,8 @@ def reporting(also: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
         print(f"error: {exc}", file=sys.stderr)
         raise Leave(EXIT_USER_ERROR if names_user_error(str(exc).split(" failed: ", 1)[-1]) else 1) from None
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if interrupted:
+            print(interrupted, file=sys.stderr)
         raise Leave(EXIT_INTERRUPTED) from None
 
 

@@ -98,7 +98,7 @@ def worker(argv: list[str]) -> None:
     """Worker mode: same overrides, no Hydra run directory or log files, this process's rank."""
     from hydra import compose, initialize_config_dir
 
-    with errors.reporting():
+    with errors.reporting(interrupted=None):  # Ctrl-C reaches every rank: the launcher says it once
         flags = [a for a in argv if a.startswith("-")]
         if flags:
             raise ConfigError(f"{flags[0]!r}: under torchrun or srun pass overrides only "

@@ -314,6 +314,8 @@ class Watchdog:
                           f"{type(exc).__name__}: {text}".rstrip(": "), self.me.rank, self.keys.attempt,
                           time=time.time(), extra={"user_error": errors.is_user_error(exc), "interrupted": interrupted})
         with contextlib.suppress(Exception):
+            if interrupted:  # Ctrl-C in zero_first's wait: its helper thread blocks this connection
+                self._main.store = self._main.store.clone()
             won = self._main.post_verdict(verdict)
             if won == verdict and not interrupted:
                 incidents.append(self.run_dir, verdict)
