@@ -1,13 +1,12 @@
 """The one user-error wrapper around every entry point (`python -m harness.train`, `.profile`,
 `.info`, `.checkpoint`), as lightning-hydra-template's `task_wrapper` is around its tasks.
 
-Owns what counts as an error a user can cause (user_errors(): a bad device string, batch, config key
-or value, checksum, URL, archive, checkpoint, run directory), how it is said (`error: ...` on
-stderr, one line per cause, no traceback) and the exit codes of leaving on one: 2 for a user error,
-130 for Ctrl-C. A rank that stops because a *peer* failed with a user error (the watchdog's
-"failed" verdict, zero_first's master) says nothing more here: its watchdog has logged the one line,
-and it exits 2 as well, so the launcher reports one cause with one code. Anything else is a bug or
-a fault, and keeps its traceback (exit 1).
+Owns how an error a user can cause (harness/failures.py says which those are) is said: `error: ...`
+on stderr, one line per cause, no traceback, exit 2; and Ctrl-C: one line, exit 130. A rank that
+stops because a *peer* failed with a user error (the watchdog's "failed" verdict, zero_first's
+master) says nothing more here: its watchdog has logged the one line, and it exits 2 as well, so
+the launcher reports one cause with one code. Anything else is a bug or a fault, and keeps its
+traceback (exit 1).
 """
 
 from __future__ import annotations
@@ -18,43 +17,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from hydra.errors import HydraException, InstantiationException
+from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
+from harness.failures import EXIT_INTERRUPTED, EXIT_USER_ERROR, exit_code, is_user_error, names_user_error, user_errors
 
-
-@functools.cache
-def user_errors() -> tuple[type[BaseException], ...]:
-    """What a user can cause. Imported on first use: harness.checkpoint's own CLI is wrapped too,
-    and its package imports its CLI."""
-    from harness.batching import BatchSizeError
-    from harness.checkpoint.format import CheckpointError
-    from harness.config import ConfigError
-    from harness.data.archive import ArchiveError
-    from harness.data.cache import SourceError
-    from harness.devices import DeviceError
-    from harness.rundir import RunDirError
-
-    return (DeviceError, BatchSizeError, ConfigError, CheckpointError, SourceError, ArchiveError, RunDirError,
-            HydraException, OmegaConfBaseException)
-
+__all__ = ["EXIT_INTERRUPTED", "EXIT_USER_ERROR", "Leave", "entry_point", "message", "reporting"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def is_user_error(exc: BaseException) -> bool:
-    # Hydra wraps whatever a user's constructor raises (a bug, with a traceback to show) in an
-    # InstantiationException: only composing is the user's configuration
-    return isinstance(exc, user_errors()) and not isinstance(exc, InstantiationException)
-
-
-def names_user_error(text: str) -> bool:
-    """Whether a peer's `<Type>: message` (a verdict's cause, zero_first's `error: <module.Type>: ...`)
-    is one of user_errors(): what crosses the store is text, not the exception."""
-    head = text.removeprefix("error: ").split(":", 1)[0].strip()
-    return head.rsplit(".", 1)[-1] in {t.__name__ for t in user_errors()}
 
 
 def message(exc: BaseException) -> str:
@@ -84,7 +54,7 @@ def reporting(also: tuple[type[BaseException], ...] = (), interrupted: str | Non
         print(message(exc), file=sys.stderr)
         raise Leave(EXIT_USER_ERROR) from None
     except PeerLostError as exc:  # the watchdog has logged the one report; no traceback on top of it
-        raise Leave(peer_exit_code(exc)) from None
+        raise Leave(exit_code(exc.verdict)) from None
     except ZeroFirstError as exc:  # no watchdog to report it (dist.watchdog=false): the master's error
         print(f"error: {exc}", file=sys.stderr)
         raise Leave(EXIT_USER_ERROR if names_user_error(str(exc).split(" failed: ", 1)[-1]) else 1) from None
@@ -92,19 +62,6 @@ def reporting(also: tuple[type[BaseException], ...] = (), interrupted: str | Non
         if interrupted:
             print(interrupted, file=sys.stderr)
         raise Leave(EXIT_INTERRUPTED) from None
-
-
-def peer_exit_code(exc: Any) -> int:
-    """A rank that stops for a peer's sake (PeerLostError): 2 when the peer failed with a user error,
-    130 when it was interrupted, else EXIT_PEER_LOST."""
-    from harness.watchdog import EXIT_PEER_LOST
-
-    extra = exc.verdict.extra
-    if extra.get("user_error"):
-        return EXIT_USER_ERROR
-    if extra.get("interrupted"):
-        return EXIT_INTERRUPTED
-    return EXIT_PEER_LOST
 
 
 def entry_point(also: tuple[type[BaseException], ...] = ()) -> Callable[[F], F]:

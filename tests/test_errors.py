@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from hydra.errors import InstantiationException
 
-from harness import errors
+from harness import errors, failures
 from harness.checkpoint.format import CheckpointError
 from harness.data.cache import SourceError
+from harness.health import Identity, Verdict
 from tests.conftest import REPO, clean_env, harness_cmd
 from tests.runs import assert_no_process_left, metrics
 
@@ -22,12 +23,24 @@ TIMEOUT = 240
 
 
 def test_what_crosses_the_store_is_recognised_as_a_user_error() -> None:
-    assert errors.is_user_error(SourceError("x")) and not errors.is_user_error(ValueError("x"))
-    assert errors.names_user_error("SourceError: data.url='file:///x': no such file")  # a verdict's cause
-    assert errors.names_user_error("error: harness.checkpoint.format.CheckpointError: bad")  # zero_first's
-    assert not errors.names_user_error("ValueError: SourceError: in the message only")
-    assert not errors.is_user_error(InstantiationException("a bug in the user's constructor"))  # traceback
+    assert failures.is_user_error(SourceError("x")) and not failures.is_user_error(ValueError("x"))
+    assert failures.names_user_error("SourceError: data.url='file:///x': no such file")  # a verdict's cause
+    assert failures.names_user_error("error: harness.checkpoint.format.CheckpointError: bad")  # zero_first's
+    assert not failures.names_user_error("ValueError: SourceError: in the message only")
+    assert not failures.is_user_error(InstantiationException("a bug in the user's constructor"))  # traceback
     assert errors.message(CheckpointError("no checkpoint")) == "error: no checkpoint"
+
+
+def test_a_failed_verdict_carries_the_kind_to_the_peers() -> None:
+    """A peer's user error makes the others leave with 2, a peer's Ctrl-C with 130, anything else 4;
+    the kind survives the store (JSON)."""
+    me = Identity(1, "nodeb", 4242, 0.0)
+    cases = [(SourceError("bad url"), 2, "SourceError: bad url"), (KeyboardInterrupt(), 130, "interrupted (SIGINT)"),
+             (ValueError("a bug"), 4, "ValueError: a bug"), (InstantiationException("a bug"), 4, "Instantiation")]
+    for exc, code, cause in cases:
+        verdict = Verdict.from_json(failures.failed(exc, me, 60, "forward", "a1", 0.0).to_json())
+        assert failures.exit_code(verdict) == code and verdict.cause.startswith(cause), verdict
+        assert verdict.line().startswith("rank 1 (pid 4242 on nodeb) failed at step 60 in forward: ")
 
 
 def test_entry_point_returns_the_code_and_says_one_line(capsys: pytest.CaptureFixture[str]) -> None:
