@@ -55,8 +55,8 @@ def reporting(also: tuple[type[BaseException], ...] = (), interrupted: str | Non
         raise Leave(EXIT_USER_ERROR) from None
     except PeerLostError as exc:  # the watchdog has logged the one report; no traceback on top of it
         raise Leave(exit_code(exc.verdict)) from None
-    except ZeroFirstError as exc:  # no watchdog to report it (dist.watchdog=false): the master's error
-        print(f"error: {exc}", file=sys.stderr)
+    except ZeroFirstError as exc:  # no watchdog to report it (dist.watchdog=false): the master's error,
+        print(f"stopped: {exc}", file=sys.stderr)  # which the master itself says as `error: ...`
         raise Leave(EXIT_USER_ERROR if names_user_error(str(exc).split(" failed: ", 1)[-1]) else 1) from None
     except KeyboardInterrupt:
         if interrupted:

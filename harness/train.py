@@ -26,7 +26,7 @@ from harness.config import ConfigError, conf_dir, quote_device_override, registe
 from harness.devices import check_mask_change, count_visible_gpus, parse_device, plan_devices
 from harness.env import detect, run_id
 from harness.job import run_job
-from harness.launch import launch_workers, patched_environ
+from harness.launch import launch_workers, patched_environ, stopped_line
 
 EXIT_USER_ERROR = errors.EXIT_USER_ERROR
 
@@ -49,6 +49,9 @@ def launch(cfg: DictConfig) -> int:
         env = {"CUDA_VISIBLE_DEVICES": plan.cuda_visible_devices} if plan.cuda_visible_devices else {}
         with patched_environ({**env, "HARNESS_LAUNCHED": "1"}):
             result = run_job(cfg, run_id=rid)
+        if result.stopped in ("terminated", "interrupted"):  # the same line as with workers
+            print(stopped_line("SIGINT" if result.stopped == "interrupted" else "SIGTERM", Path(c.run_root) / rid,
+                               rid), file=sys.stderr)
         return exit_code(result.stopped)
     code = launch_workers(plan, run_id=rid, overrides=[*list(hc.overrides.task), *_search_path_override(hc)],
                           max_restarts=c.dist.max_restarts, omp_threads=c.dist.omp_threads,

@@ -63,20 +63,24 @@ def _run(tmp: Path, *args: str) -> tuple[int, str, str]:
 
 
 @pytest.mark.slow
-def test_bad_url_under_two_ranks_is_one_error_line_and_exit_2(tmp_path: Path) -> None:
-    """Rank 0 fails inside zero_first; rank 1, waiting for it, says so in one line: no traceback, no
-    'worker(s) failed' summary, no agent lines, exit 2 from the launcher and from both workers."""
+@pytest.mark.parametrize("watchdog", ["true", "false"])
+def test_bad_url_under_two_ranks_is_one_error_line_and_exit_2(tmp_path: Path, watchdog: str) -> None:
+    """Rank 0 fails inside zero_first; rank 1, waiting for it, says so in one line (its watchdog's
+    report; without one, zero_first's error): no traceback, no 'worker(s) failed' summary, no agent
+    lines, exit 2 from the launcher and from both workers."""
     started = time.monotonic()
     rc, out, err = _run(tmp_path, "device=cpu", "dist.nproc=2", "data.url=file:///nonexistent/x.npz",
-                        f"run_root={tmp_path}/runs")
+                        f"dist.watchdog={watchdog}", f"run_root={tmp_path}/runs")
     both = out + err
     assert rc == 2, both
     assert [line for line in both.splitlines() if line.startswith("error:")] == \
         ["error: data.url='file:///nonexistent/x.npz': no such file /nonexistent/x.npz"], both
-    rank1 = [line for line in both.splitlines() if line.startswith("[rank 1]")]
-    assert len(rank1) == 1 and "rank 0 (pid" in rank1[0] and "SourceError: data.url=" in rank1[0], both
+    said = "[rank 1] ERROR rank 0 (pid" if watchdog == "true" else "stopped: rank 0 (preparing 'data') failed: "
+    rank1 = [line for line in both.splitlines() if line.startswith(said)]
+    assert len(rank1) == 1 and "SourceError: data.url=" in rank1[0], both
+    assert not [line for line in both.splitlines() if line.startswith("[rank 1]") and line not in rank1], both
     assert "Traceback" not in both and "worker(s) failed" not in both and "exitcode" not in both, both
-    print(f"\n[errors] bad data.url, 2 ranks: exit 2 after {time.monotonic() - started:.1f}s")
+    print(f"\n[errors] bad data.url, 2 ranks, dist.watchdog={watchdog}: exit 2 after {time.monotonic() - started:.1f}s")
     assert_no_process_left(str(tmp_path))
 
 
