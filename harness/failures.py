@@ -11,6 +11,7 @@ points' wrapper (harness/errors.py) both use it; it imports only the modules tha
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import asdict
 from typing import Any
 
@@ -69,3 +70,11 @@ def exit_code(verdict: Verdict) -> int:
     extra: dict[str, Any] = verdict.extra
     return EXIT_USER_ERROR if extra.get("user_error") else EXIT_INTERRUPTED if extra.get("interrupted") \
         else EXIT_PEER_LOST
+
+
+def report(verdict: Verdict) -> tuple[int, str]:
+    """The level and text a rank logs about a verdict: Ctrl-C reaches every rank at once, so a
+    peer's is news (INFO), not an error."""
+    if verdict.extra.get("interrupted"):
+        return logging.INFO, f"{verdict.line()}; stopping too"
+    return logging.ERROR, verdict.line() + (f"\n  its main thread:\n{verdict.stack}" if verdict.stack else "")

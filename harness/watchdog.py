@@ -236,12 +236,9 @@ class Watchdog:
 
     # ------------------------------------------------------------------ actions
     def _report(self, verdict: Verdict, first: bool) -> None:
-        if verdict.extra.get("interrupted"):  # Ctrl-C reaches every rank: no failure, no incident
-            logs.emit_unblocked(logging.INFO, f"{verdict.line()}; stopping too")
-            return
-        stack = f"\n  its main thread:\n{verdict.stack}" if verdict.stack else ""
-        logs.emit_unblocked(logging.ERROR, f"{verdict.line()}{stack}")
-        if first:
+        level, text = failures.report(verdict)
+        logs.emit_unblocked(level, text)
+        if first and level == logging.ERROR:  # a peer's Ctrl-C is no incident
             incidents.append(self.run_dir, verdict)
 
     def _act(self, verdict: Verdict, reporter: bool, shared: bool = True) -> None:

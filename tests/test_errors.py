@@ -3,6 +3,7 @@ into one line and exit 130, in every entry point and on every rank; real process
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -41,6 +42,7 @@ def test_a_failed_verdict_carries_the_kind_to_the_peers() -> None:
         verdict = Verdict.from_json(failures.failed(exc, me, 60, "forward", "a1", 0.0).to_json())
         assert failures.exit_code(verdict) == code and verdict.cause.startswith(cause), verdict
         assert verdict.line().startswith("rank 1 (pid 4242 on nodeb) failed at step 60 in forward: ")
+        assert failures.report(verdict)[0] == (logging.INFO if code == 130 else logging.ERROR)
 
 
 def test_entry_point_returns_the_code_and_says_one_line(capsys: pytest.CaptureFixture[str]) -> None:
