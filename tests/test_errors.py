@@ -146,3 +146,29 @@ def test_ctrl_c_of_a_two_rank_run_is_one_line_and_a_rerun_resumes(tmp_path: Path
     assert proc.wait(timeout=TIMEOUT) == 0, out.read_text() + err.read_text()
     assert f"resumed from {entry / 'state.pt'}" in (run_dir / "train.log").read_text()
     assert [int(r["epoch"]) for r in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_ctrl_c_before_training_is_one_line_and_quick(tmp_path: Path) -> None:
+    """Ctrl-C while the ranks set up (rank 0 fetching in zero_first, rank 1 waiting for it): no
+    traceback, no failure incident, exit 130 within a few seconds (a waiter once sat 10 s in fail(),
+    its store connection held by zero_first's helper thread, until the watchdog's os._exit)."""
+    run_dir = tmp_path / "runs" / "early"
+    proc, out, err = _start(tmp_path, "early", epochs=2)
+    deadline = time.monotonic() + TIMEOUT
+    while not ((run_dir / "train.log").is_file() and "run directory" in (run_dir / "train.log").read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, out.read_text() + err.read_text()
+        time.sleep(0.005)
+    sent = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    rc = proc.wait(timeout=TIMEOUT)
+    took = time.monotonic() - sent
+    both = out.read_text() + err.read_text()
+    assert rc == 130, both
+    assert "Traceback" not in both and "KeyboardInterrupt" not in both and "ERROR" not in both, both
+    said = [line for line in err.read_text().splitlines() if line.strip()]
+    assert len(said) == 1 and said[0].startswith("interrupted: ") and "HARNESS_RUN_ID=early" in said[0], both
+    assert not (run_dir / "incidents.jsonl").exists()
+    assert took < 9, f"{took:.1f}s"
+    print(f"\n[errors] Ctrl-C during set-up: exit 130 after {took:.1f}s")
+    assert_no_process_left(str(tmp_path))
