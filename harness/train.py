@@ -90,6 +90,7 @@ def _search_path_override(hc) -> list[str]:
 
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
+    _JOBS_STARTED.append(1)
     with errors.reporting():  # inside Hydra's call: a multirun's failing job says why in one line
         code = launch(cfg)
     if code:
@@ -126,7 +127,18 @@ def _main() -> None:
         worker(argv)
         return
     sys.argv = [sys.argv[0], *quote_device_override(argv)]
-    _hydra_main()
+    _JOBS_STARTED.clear()
+    try:
+        _hydra_main()
+    except SystemExit as exc:
+        # Hydra says a composition error (unknown key, wrong type, missing group) in its own words
+        # and exits 1 before any job starts: that is a user error, exit 2 as in every other mode
+        if exc.code == 1 and not _JOBS_STARTED:
+            raise SystemExit(EXIT_USER_ERROR) from None
+        raise
+
+
+_JOBS_STARTED: list[int] = []  # how many jobs Hydra started in this call (0: it stopped while composing)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,14 @@ def test_entry_point_returns_the_code_and_says_one_line(capsys: pytest.CaptureFi
     assert main("ctrl-c") == 130 and capsys.readouterr().err == "interrupted\n"
 
 
+@pytest.mark.parametrize("override", ["trainer.foo=1", "trainer.epochs=abc", "model=no_such_model"])
+def test_a_composition_error_in_launcher_mode_exits_2(tmp_path: Path, override: str) -> None:
+    """Hydra says it in its own words (no traceback) and would exit 1: a user error is 2 in every mode."""
+    rc, out, err = _run(tmp_path, override)
+    assert rc == 2 and "Traceback" not in err and override.split("=")[0].split(".")[-1] in err, err
+    assert not (tmp_path / "runs").exists()
+
+
 def _run(tmp: Path, *args: str) -> tuple[int, str, str]:
     out, err = tmp / "stdout.txt", tmp / "stderr.txt"
     with open(out, "w") as o, open(err, "w") as e:
