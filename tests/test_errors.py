@@ -56,6 +56,7 @@ def test_entry_point_returns_the_code_and_says_one_line(capsys: pytest.CaptureFi
     assert main("ctrl-c") == 130 and capsys.readouterr().err == "interrupted\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override", ["trainer.foo=1", "trainer.epochs=abc", "model=no_such_model"])
 def test_a_composition_error_in_launcher_mode_exits_2(tmp_path: Path, override: str) -> None:
     """Hydra says it in its own words (no traceback) and would exit 1: a user error is 2 in every mode."""
