@@ -220,13 +220,16 @@ class Loop:
         return self.result
 
     def _stop(self, code: int, signals: preempt.SignalWatch) -> FitResult:
-        what = "preempted" if code == preempt.PREEMPT else "terminated"
+        what = preempt.STOPPED[code]
         self.save()
         if self.rank == 0 and self.run_dir is not None and code == preempt.PREEMPT:
             preempt.write_marker(self.run_dir, f"epoch {self.epoch + 1} step {self.global_step}\n")
         signals.barrier()  # nobody exits before rank 0 has written
-        self.log.warning(f"{what}: saved at epoch {self.epoch + 1} step {self.global_step}; "
-                         f"{'requeue to resume' if code == preempt.PREEMPT else 'not requeued'}")
+        # rank 0 says it; the others only into their own logs (a console line per rank is the noise we avoid)
+        (self.log.warning if self.rank == 0 else self.log.info)(
+            f"{what}: saved at epoch {self.epoch + 1} step {self.global_step}; "
+            f"{'requeue to resume' if code == preempt.PREEMPT else 'not requeued'}"
+            f"{' (the same run id resumes it)' if code == preempt.INTERRUPT else ''}")
         self.result.epochs, self.result.stopped = self.epoch, what
         return self.result
 

@@ -17,6 +17,7 @@ from importlib import metadata
 import psutil
 import torch
 
+from harness import errors
 from harness.devices import count_visible_gpus
 from harness.env import detect
 from harness.utils.device import banner_for
@@ -110,9 +111,11 @@ def report(environ: Mapping[str, str]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+@errors.entry_point()
+def main() -> int:
     print(report(os.environ))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

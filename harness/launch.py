@@ -9,6 +9,7 @@ would run, so launcher mode and torchrun mode share one worker path.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -22,7 +23,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from harness import incidents, watchdog
+from harness import errors, incidents, watchdog
 from harness.devices import DevicePlan
 
 
@@ -80,6 +81,29 @@ def forwarding(signal_name: str) -> Iterator[None]:
         signal.signal(signum, previous)
 
 
+# the agent's own lines that ours restate (the cause, the signal, the last checkpoint) with the right rank
+_AGENT_NOISE = ("death signal, shutting down workers", "closing signal", "failed (exitcode:")
+
+
+def _restated(record: logging.LogRecord) -> bool:
+    return not any(text in record.getMessage() for text in _AGENT_NOISE)
+
+
+@contextmanager
+def quiet_agent() -> Iterator[None]:
+    """Drop the elastic agent's lines that the launcher restates: a user error or Ctrl-C then reads
+    as one line, not as a wall of W/E lines naming whichever rank the agent stopped last."""
+    loggers = [logging.getLogger(n) for n in ("torch.distributed.elastic.agent.server.api",
+                                               "torch.distributed.elastic.multiprocessing.api")]
+    for lg in loggers:
+        lg.addFilter(_restated)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(_restated)
+
+
 def launch_workers(plan: DevicePlan, *, run_id: str, overrides: list[str], max_restarts: int,
                    omp_threads: int, forward: str = "SIGUSR2", run_dir: Path | None = None) -> int:
     """Run `plan.nproc` workers to completion; return the exit code for the launcher.
@@ -100,11 +124,14 @@ def launch_workers(plan: DevicePlan, *, run_id: str, overrides: list[str], max_r
         local_addr="127.0.0.1",
     )
     with patched_environ(worker_environment(plan, run_id, omp_threads, os.environ, max_restarts)), \
-            forwarding(forward):
+            forwarding(forward), quiet_agent():
         try:
             elastic_launch(config, sys.executable)("-u", "-m", "harness.train", *overrides)
         except ChildFailedError as exc:
             found = incidents.read(run_dir, since=started) if run_dir is not None else []
+            if any(f.exitcode == errors.EXIT_USER_ERROR for f in exc.failures.values()) and \
+                    all(i.get("extra", {}).get("user_error") for i in found):
+                return errors.EXIT_USER_ERROR  # the rank that hit it said `error: ...`; its peers, one line each
             lost = any(i["kind"] != "failed" for i in found)
             for incident in found:
                 print(f"error: {'' if lost else 'worker(s) failed: '}{incident['line']}", file=sys.stderr)
@@ -113,7 +140,18 @@ def launch_workers(plan: DevicePlan, *, run_id: str, overrides: list[str], max_r
             # the failing rank's traceback was printed by the worker (@record); this names the rank
             print(f"error: worker(s) failed:\n{exc.format_msg()}", file=sys.stderr)
             return 1
-        except SignalException as exc:  # SIGTERM/SIGINT/SIGHUP reached the agent: workers were stopped
-            print(f"error: launcher stopped by {exc.sigval.name}; workers were told to stop", file=sys.stderr)
+        except SignalException as exc:  # SIGTERM/SIGINT/SIGHUP reached the agent: it passed it on, and waited
+            print(stopped_line(exc.sigval.name, run_dir, run_id), file=sys.stderr)
             return 128 + int(exc.sigval)
     return 0
+
+
+def stopped_line(signal_name: str, run_dir: Path | None, run_id: str) -> str:
+    """The one line for a launcher stopped by a signal: what happened, the checkpoint a rerun
+    resumes from, and how to rerun (the run id names the run directory)."""
+    from harness.checkpoint.store import resolve
+
+    what = "interrupted" if signal_name == "SIGINT" else f"stopped by {signal_name}"
+    found = resolve(run_dir) if run_dir is not None else []
+    where = f"last checkpoint {found[0].parent}" if found else "no checkpoint yet"
+    return f"{what}: {where}; HARNESS_RUN_ID={run_id} and the same command resume it"

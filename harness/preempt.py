@@ -8,7 +8,8 @@ Preemption (e.g. Slurm's `--signal=USR2@90`): save at the step boundary, write P
 directory, exit 0 so the elastic agent does not restart the workers; the launcher turns the marker
 into exit code 3 and a batch script into `scontrol requeue`. SIGTERM (scancel, a requeue by the
 admin, the elastic agent shutting down): save, exit 143, never requeue. If any rank saw SIGTERM,
-every rank terminates.
+every rank terminates. SIGINT (Ctrl-C; the agent passes it on) is the same with exit 130: one
+line, no KeyboardInterrupt per rank, and a rerun with the same run id resumes.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ import torch.distributed as dist
 
 from harness import atomic
 
-NONE, PREEMPT, TERMINATE = 0, 1, 2  # the all-reduce takes the max: terminate wins
+NONE, PREEMPT, TERMINATE, INTERRUPT = 0, 1, 2, 3  # the all-reduce takes the max: Ctrl-C, then terminate win
+STOPPED = {PREEMPT: "preempted", TERMINATE: "terminated", INTERRUPT: "interrupted"}  # FitResult.stopped
 MARKER = "PREEMPTED"
 EXIT_PREEMPTED = 3  # `python -m harness.train` exits with this when the run was preempted (requeue it)
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
+EXIT_INTERRUPTED = 130  # 128 + SIGINT (Ctrl-C): saved like SIGTERM; a rerun with the same run id resumes
 
 
 class SignalWatch:
@@ -36,7 +39,10 @@ class SignalWatch:
     def __init__(self, preempt_signal: str = "SIGUSR2", check_every: int = 10) -> None:
         self.flag = NONE
         self.check_every = check_every
-        self._signals = {getattr(signal, preempt_signal): PREEMPT, signal.SIGTERM: TERMINATE}
+        # SIGINT too: the elastic agent passes a terminal's Ctrl-C on to every worker, and a
+        # KeyboardInterrupt raised mid-collective would leave a traceback per rank and no checkpoint
+        self._signals = {getattr(signal, preempt_signal): PREEMPT, signal.SIGTERM: TERMINATE,
+                         signal.SIGINT: INTERRUPT}
         self._previous: dict[int, Any] = {}
         self._work: Any = None  # the all-reduce in flight since the last check
         self._sent = torch.zeros(1, dtype=torch.int32)

@@ -17,18 +17,16 @@ import os
 import sys
 
 import torch
-from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
-from harness.batching import BatchSizeError, plan_batch
+from harness import errors
+from harness.batching import plan_batch
 from harness.config import ConfigError, compose, to_config
-from harness.devices import DeviceError, count_visible_gpus, parse_device, plan_devices
+from harness.devices import count_visible_gpus, parse_device, plan_devices
 from harness.utils.torch_utils import model_info, profile, select_device
 
-EXIT_USER_ERROR = 2
-USER_ERRORS = (DeviceError, BatchSizeError, ConfigError, HydraException, OmegaConfBaseException)
+EXIT_USER_ERROR = errors.EXIT_USER_ERROR
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -70,17 +68,14 @@ def _inputs(cfg: DictConfig, batch: int, shape: tuple[int, ...] | None) -> torch
     return torch.stack([dataset[i % len(dataset)][0] for i in range(batch)])
 
 
+@errors.entry_point()
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = compose(args.overrides)
-        batch = args.batch or _micro_batch(cfg)
-        if batch < 1:
-            raise ConfigError(f"--batch={batch} must be >= 1")
-        device = select_device(to_config(cfg).device)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    cfg = compose(args.overrides)
+    batch = args.batch or _micro_batch(cfg)
+    if batch < 1:
+        raise ConfigError(f"--batch={batch} must be >= 1")
+    device = select_device(to_config(cfg).device)
     torch.manual_seed(to_config(cfg).seed)
     model = instantiate(cfg.model).to(device)
     x = _inputs(cfg, batch, args.shape)

@@ -15,55 +15,41 @@ import sys
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from harness import preempt, rundir, slurm
-from harness.batching import BatchSizeError, plan_batch
-from harness.checkpoint import CheckpointError
+from harness import errors, preempt, rundir, slurm
+from harness.batching import plan_batch
 from harness.config import ConfigError, compose, conf_dir, quote_device_override, register_configs, to_config
-from harness.data.archive import ArchiveError
-from harness.data.cache import SourceError
-from harness.devices import DeviceError, check_mask_change, count_visible_gpus, parse_device, plan_devices
+from harness.devices import count_visible_gpus, place
 from harness.env import detect, run_id
 from harness.job import run_job
-from harness.launch import launch_workers, patched_environ
-from harness.rundir import RunDirError
-from harness.watchdog import EXIT_PEER_LOST, PeerLostError
+from harness.launch import launch_workers, patched_environ, stopped_line
 
-# what a user can cause: a clean `error:` line and exit 2 instead of a traceback
-USER_ERRORS = (DeviceError, BatchSizeError, ConfigError, CheckpointError, SourceError, ArchiveError, RunDirError)
-EXIT_USER_ERROR = 2
+EXIT_USER_ERROR = errors.EXIT_USER_ERROR
 
 
 def launch(cfg: DictConfig) -> int:
     """Launcher mode for one (multirun: each) job; returns the exit code."""
     hc = HydraConfig.get()
     job_num = hc.job.num if hc.mode == RunMode.MULTIRUN else None
-    try:
-        c = to_config(cfg)
-        mask = os.environ.get("CUDA_VISIBLE_DEVICES")
-        plan = plan_devices(parse_device(c.device), visible_gpus=count_visible_gpus(), nproc=c.dist.nproc,
-                            current_mask=mask, raw=c.device)
-        plan_batch(c.data.batch_size, plan.nproc, c.trainer.accumulate)
-        if plan.nproc == 1:
-            import torch
-
-            check_mask_change(plan.cuda_visible_devices, mask, torch.cuda.is_initialized())
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    c = to_config(cfg)
+    placement = place(c.device, shape="launcher", visible_gpus=count_visible_gpus(),
+                      current_mask=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                      cuda_initialized=torch.cuda.is_initialized(), nproc=c.dist.nproc)
+    plan = placement.plan
+    plan_batch(c.data.batch_size, plan.nproc, c.trainer.accumulate)
     rid = run_id(os.environ, job_num) or rundir.create_unique(Path(c.run_root), _sweep_stem(job_num)).name
-    if plan.nproc == 1:
-        env = {"CUDA_VISIBLE_DEVICES": plan.cuda_visible_devices} if plan.cuda_visible_devices else {}
+    if plan.nproc == 1:  # trains here, on the devices place() chose (the workers' rule: harness/runtime.py)
+        env = {"CUDA_VISIBLE_DEVICES": placement.mask} if placement.mask else {}
         with patched_environ({**env, "HARNESS_LAUNCHED": "1"}):
-            try:
-                result = run_job(cfg, run_id=rid)
-            except USER_ERRORS as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return EXIT_USER_ERROR
+            result = run_job(cfg, run_id=rid)
+        if result.stopped in ("terminated", "interrupted"):  # the same line as with workers
+            print(stopped_line("SIGINT" if result.stopped == "interrupted" else "SIGTERM", Path(c.run_root) / rid,
+                               rid), file=sys.stderr)
         return exit_code(result.stopped)
     code = launch_workers(plan, run_id=rid, overrides=[*list(hc.overrides.task), *_search_path_override(hc)],
                           max_restarts=c.dist.max_restarts, omp_threads=c.dist.omp_threads,
@@ -74,8 +60,10 @@ def launch(cfg: DictConfig) -> int:
 
 
 def exit_code(stopped: str) -> int:
-    """Preempted: 3, so a script requeues; terminated (SIGTERM): 143, never requeued; else 0."""
-    return {"preempted": preempt.EXIT_PREEMPTED, "terminated": preempt.EXIT_TERMINATED}.get(stopped, 0)
+    """Preempted: 3, so a script requeues; terminated (SIGTERM): 143, never requeued; interrupted
+    (Ctrl-C): 130; else 0."""
+    return {"preempted": preempt.EXIT_PREEMPTED, "terminated": preempt.EXIT_TERMINATED,
+            "interrupted": preempt.EXIT_INTERRUPTED}.get(stopped, 0)
 
 
 _SWEEP_STAMP: list[str] = []
@@ -100,9 +88,11 @@ def _search_path_override(hc) -> list[str]:
 
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    code = launch(cfg)
-    if code == preempt.EXIT_PREEMPTED and slurm.in_sweep_job(os.environ):  # a submitit sweep's point
-        code = slurm.requeue("preempted", code, None, os.environ)
+    _JOBS_STARTED.append(1)
+    with errors.reporting():  # inside Hydra's call: a multirun's failing job says why in one line
+        code = launch(cfg)
+        if code == preempt.EXIT_PREEMPTED and slurm.in_sweep_job(os.environ):  # a submitit sweep's point
+            code = slurm.requeue("preempted", code, None, os.environ)
     if code:
         sys.exit(code)
 
@@ -110,29 +100,41 @@ def _hydra_main(cfg: DictConfig) -> None:
 @record
 def worker(argv: list[str]) -> None:
     """Worker mode: same overrides, no Hydra run directory or log files, this process's rank."""
-    flags = [a for a in argv if a.startswith("-")]
-    if flags:
-        raise SystemExit(f"error: {flags[0]!r}: under torchrun or srun pass overrides only "
-                         "(sweeps with -m run from the launcher: python -m harness.train -m ...)")
-    try:
+    with errors.reporting(interrupted=None):  # Ctrl-C reaches every rank: the launcher says it once
+        flags = [a for a in argv if a.startswith("-")]
+        if flags:
+            raise ConfigError(f"{flags[0]!r}: under torchrun or srun pass overrides only "
+                              "(sweeps with -m run from the launcher: python -m harness.train -m ...)")
         result = run_job(compose(argv), run_id=run_id(os.environ))  # compose: ConfigError in Hydra's words
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_USER_ERROR) from None
-    except PeerLostError:  # the watchdog has logged the one report; no traceback on top of it
-        raise SystemExit(EXIT_PEER_LOST) from None
-    if result.stopped == "terminated":  # preempted workers exit 0: the agent must not restart them
-        raise SystemExit(preempt.EXIT_TERMINATED)
+    if result.stopped in ("terminated", "interrupted"):  # preempted workers exit 0: the agent must not restart them
+        raise SystemExit(exit_code(result.stopped))
 
 
 def main() -> None:
+    """Both modes; Ctrl-C outside training (composing, starting, a second Ctrl-C) is one line, 130."""
+    with errors.reporting():
+        _main()
+
+
+def _main() -> None:
     register_configs()
     argv = sys.argv[1:]
     if detect(os.environ).is_worker:
         worker(argv)
         return
     sys.argv = [sys.argv[0], *quote_device_override(argv)]
-    _hydra_main()
+    _JOBS_STARTED.clear()
+    try:
+        _hydra_main()
+    except SystemExit as exc:
+        # Hydra says a composition error (unknown key, wrong type, missing group) in its own words
+        # and exits 1 before any job starts: that is a user error, exit 2 as in every other mode
+        if exc.code == 1 and not _JOBS_STARTED:
+            raise SystemExit(EXIT_USER_ERROR) from None
+        raise
+
+
+_JOBS_STARTED: list[int] = []  # how many jobs Hydra started in this call (0: it stopped while composing)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ Owns the two threads of the liveness protocol (harness/health.py) and the action
   store's host is frozen, whatever its timeout, so "no round finished for dead_after" is how a
   rank learns that it lost the store;
 - on a verdict (`_act`), once per rank: fence a frozen peer on this host (harness/fencing.py:
-  SIGKILL, checking pid and start time so no other process is hit), log ONE report, the first reporter records it
-  (harness/incidents.py: `<run dir>/incidents.jsonl`), write torchrun's error file so the agent
-  names the cause, let the
-  store's host (rank 0) linger until the others have read the verdict, and leave with
-  EXIT_PEER_LOST even when the main thread is blocked inside a collective (os._exit: no
+  SIGKILL, checking pid and start time so no other process is hit), log ONE report, the first
+  reporter records it (harness/incidents.py: `<run dir>/incidents.jsonl`), write torchrun's error
+  file so the agent names the cause, let the store's host (rank 0) linger until the others have
+  read the verdict, and leave with EXIT_PEER_LOST (a peer's user error: 2; Ctrl-C: 130,
+  harness/failures.py) even when the main thread is blocked inside a collective (os._exit: no
   checkpoint is written on the way out).
 - stacks: a rank its watcher finds holding the others up is asked (through the news) for its
   threads' stacks; it dumps them (faulthandler, which needs no GIL) into its own log and the
@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +39,11 @@ import psutil
 import torch.distributed as dist
 
 from harness import dist as hdist
-from harness import fencing, health, incidents, logs
+from harness import failures, fencing, health, incidents, logs
 from harness.config import ON_STALL
 from harness.health import Identity, Keys, Member, PeerWatch, Progress, Verdict
 
-EXIT_PEER_LOST = 4  # a rank left because a peer was lost (README: exit codes)
+EXIT_PEER_LOST = failures.EXIT_PEER_LOST
 GRACE_S = 2.0  # how long a rank whose main thread is not handling the verdict waits before os._exit
 LEAVING_S = 10.0  # a main thread that is already leaving gets this long before os._exit
 # what a collective raises when a peer went away (gloo: "Connection reset by peer", "Connection closed by
@@ -236,9 +236,9 @@ class Watchdog:
 
     # ------------------------------------------------------------------ actions
     def _report(self, verdict: Verdict, first: bool) -> None:
-        stack = f"\n  its main thread:\n{verdict.stack}" if verdict.stack else ""
-        logs.emit_unblocked(logging.ERROR, f"{verdict.line()}{stack}")
-        if first:
+        level, text = failures.report(verdict)
+        logs.emit_unblocked(level, text)
+        if first and level == logging.ERROR:  # a peer's Ctrl-C is no incident
             incidents.append(self.run_dir, verdict)
 
     def _act(self, verdict: Verdict, reporter: bool, shared: bool = True) -> None:
@@ -268,7 +268,8 @@ class Watchdog:
                     self._linger(self._own, expected=len(self.table) - (verdict.kind in ("dead", "gone")))
         if self._done.wait(LEAVING_S if self.leaving else GRACE_S):
             return  # the main thread finished on its own
-        os._exit(EXIT_PEER_LOST)  # every handler flushed its record already (the console's, if it could)
+        # every handler flushed its record already (the console's, if it could)
+        os._exit(failures.exit_code(verdict))
 
     def _linger(self, store: Any, expected: int) -> None:
         deadline = time.monotonic() + 2 * self.config.period + 1.0
@@ -303,13 +304,13 @@ class Watchdog:
         self.leaving = self.failed = True
         if self.verdict is not None:
             return
-        subject = {**asdict(self.me), "step": self.progress.step, "phase": self.progress.phase}
-        text = str(exc).splitlines()[0][:500] if str(exc) else ""
-        verdict = Verdict("failed", subject, 0.0, f"{type(exc).__name__}: {text}".rstrip(": "), self.me.rank,
-                          self.keys.attempt, time=time.time())
+        verdict = failures.failed(exc, self.me, self.progress.step, self.progress.phase, self.keys.attempt,
+                                  time.time())
         with contextlib.suppress(Exception):
+            if verdict.extra["interrupted"]:  # Ctrl-C in zero_first's wait: its helper thread blocks this connection
+                self._main.store = self._main.store.clone()
             won = self._main.post_verdict(verdict)
-            if won == verdict:
+            if won == verdict and not verdict.extra["interrupted"]:  # every rank is, at once: no incident
                 incidents.append(self.run_dir, verdict)
             self.verdict = won
             if self.hosts_store:

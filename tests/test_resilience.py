@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -117,6 +118,48 @@ def test_sigterm_saves_and_does_not_ask_for_requeue(tmp_path: Path) -> None:
     assert not (run_dir / "PREEMPTED").exists()
     assert checkpoint.load(run_dir)["progress"]["step"] >= 5
     assert "terminated: saved" in out and "not requeued" in out
+
+
+def test_sigterm_to_the_multi_process_launcher_saves_and_exits_143(tmp_path: Path) -> None:
+    """The agent passes SIGTERM on to its workers and waits for them: every rank stops at one step,
+    rank 0 saves, the launcher exits 143 with one line naming the checkpoint; nothing is left."""
+    run_dir = tmp_path / "runs" / "job"
+    proc = start(tmp_path, "job")
+    wait_for_step(run_dir / "train.log", 5, proc)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)  # the launcher only, as `kill <pid>` does
+    rc, out = finish(proc)
+    assert rc == 143, out
+    saved = checkpoint.load(run_dir)["progress"]["step"]
+    assert saved >= 5 and saved % 2 == 0, saved  # at an agreed step boundary (check_every=2)
+    assert f"stopped by SIGTERM: last checkpoint {run_dir / 'checkpoints'}/step-{saved:08d};" in out, out
+    assert "terminated: saved" in out and "Traceback" not in out and not (run_dir / "PREEMPTED").exists()
+    for rank in (0, 1):
+        assert f"terminated: saved at epoch 1 step {saved}" in (run_dir / "logs" / f"rank{rank}.log").read_text()
+    print(f"\n[resilience] SIGTERM to the 2-rank launcher: exit 143 after {time.monotonic() - sent:.1f}s")
+    assert_no_process_left(str(tmp_path))
+
+
+def test_sigterm_to_torchrun_workers_save_and_exit_143(tmp_path: Path) -> None:
+    """torchrun passes SIGTERM on; the workers save and exit 143; torchrun itself raises the agent's
+    SignalException (a traceback) and exits 1, as the README says."""
+    env = clean_env(HARNESS_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    args = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "harness.train", *JOB,
+            f"run_root={tmp_path}/runs"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + TIMEOUT
+    while not (logs := list((tmp_path / "runs").glob("*/train.log"))) or " step 5 " not in logs[0].read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, "torchrun ended before step 5"
+        time.sleep(0.02)
+    run_dir = logs[0].parent
+    proc.send_signal(signal.SIGTERM)
+    rc, out = finish(proc)
+    assert rc == 1 and "SignalException: Process" in out and "got signal: 15" in out, out
+    saved = checkpoint.load(run_dir)["progress"]["step"]
+    for rank in (0, 1):  # each worker saved and said so (torchrun does not print their exit codes: 143)
+        assert f"terminated: saved at epoch 1 step {saved}" in (run_dir / "logs" / f"rank{rank}.log").read_text()
+    assert_no_process_left(str(tmp_path))
 
 
 def test_dist_timeout_ends_a_collective_that_never_completes(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from harness import atomic
+from harness import atomic, errors
 from harness.checkpoint import format as fmt
 from harness.checkpoint import sharded
 from harness.checkpoint.format import CheckpointError
@@ -102,6 +102,7 @@ def _text(row: dict[str, Any]) -> str:
             f"  metrics: {metrics or '-'}")
 
 
+@errors.entry_point(also=(FileNotFoundError,))  # a path that holds no checkpoint: exit 2
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.checkpoint", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,9 +122,6 @@ def main(argv: list[str] | None = None) -> int:
         dest = export_model(args.source, args.dest, ema=args.ema)
         print(f"wrote {dest} ({dest.stat().st_size / 1024:.0f} KiB)")
         return 0
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except CheckpointError as exc:
+    except CheckpointError as exc:  # checkpoints there, none valid: this tool's documented exit 1
         print(f"error: {exc}", file=sys.stderr)
         return 1
