@@ -7,6 +7,7 @@ count, and that the random generator ends where a plain construction leaves it.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 
@@ -44,6 +45,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         for row in rows:
             print(json.dumps(row), flush=True)
+    gc.collect()  # the sharded models' cycles hold the group: collect them before it goes (harness/job.py)
     hdist.meet()
     dist.destroy_process_group()
 
