@@ -13,6 +13,7 @@ padding out of the sums (`real` counts the rank's own samples; the padding comes
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -20,7 +21,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from harness import dist as hdist
@@ -81,7 +81,14 @@ def weights_digest(model: nn.Module) -> str:
     Sharded parameters are gathered one at a time (a collective: every rank calls this)."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
-        full = t.full_tensor() if isinstance(t, DTensor) else t
+        full = t.full_tensor() if _is_dtensor(t) else t
         h.update(name.encode())
         h.update(full.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    """Without importing torch.distributed.tensor (about 0.8 s, with sympy) when nothing has: a
+    DTensor can only exist once its module is loaded."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
