@@ -35,7 +35,7 @@ from harness.data.sampler import GlobalBatchSampler
 from harness.evaluate import Metric, evaluate, sync_buffers, to_device, val_sampler, weights_digest
 from harness.health import BACKWARD, DATA, EVAL, FORWARD, OPTIM, SAVE
 from harness.logs import MetricsWriter, get_logger
-from harness.plots import plot_results
+from harness.plots import Plotter
 from harness.schedule import build_scheduler
 from harness.strategy import Strategy, choose
 from harness.utils.early_stopping import EarlyStopping
@@ -143,6 +143,8 @@ class Loop:
         if run_dir is not None and self.rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsWriter(run_dir / "metrics.csv") if run_dir is not None and self.rank == 0 else None
+        self.plotter = Plotter(self.metrics.path, run_dir / "results.png") if self.metrics is not None \
+            and run_dir is not None else None
         self.board = _tensorboard(run_dir) if trainer.logger == "tensorboard" and run_dir is not None \
             and self.rank == 0 else None
         # progress: where training stands; all of it goes into checkpoints
@@ -200,6 +202,15 @@ class Loop:
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> FitResult:
+        try:
+            return self._run()
+        finally:
+            if self.plotter is not None:
+                self.plotter.close()  # the last epoch's drawing, under way since end_epoch
+            if self.board is not None:
+                self.board.close()
+
+    def _run(self) -> FitResult:
         self.resume()
         self.progress.first = self.progress.step = self.global_step  # the watchdog never calls step 1 a stall
         with preempt.SignalWatch(self.t.preempt_signal, self.t.check_every) as signals:
@@ -211,10 +222,6 @@ class Loop:
                     self.result.stopped = "early"
                     break
         self.result.epochs = self.epoch
-        if self.metrics is not None and self.run_dir is not None and self.result.history:
-            plot_results(self.metrics.path, self.run_dir / "results.png")
-        if self.board is not None:
-            self.board.close()
         self.result.digest = weights_digest(self.model)
         self.log.info(f"final weights digest {self.result.digest} (rank {self.rank})")
         return self.result
@@ -340,6 +347,8 @@ class Loop:
         self.epoch, self.step_in_epoch, self.epoch_loss = self.epoch + 1, 0, 0.0
         if self.metrics is not None:
             self.metrics.write(row)
+        if self.plotter is not None:
+            self.plotter.update()
         if self.board is not None:
             for key, value in row.items():
                 if key not in ("epoch", "step"):
