@@ -176,6 +176,12 @@ class Run:
         return max(r["fetch_times"][0] for r in self.ranks) - self.start
 
     @property
+    def exit_s(self) -> float:
+        """From the last rank's last batch fetch (its last step starts) until the command exited:
+        the last step, evaluation, the final checkpoint and tear-down."""
+        return self.end - max(r["fetch_times"][-1] for r in self.ranks)
+
+    @property
     def steady_ms(self) -> float:
         """(T(3N) - T(N)) / 2N on rank 0, in ms: whole steps only, start-up and tear-down cancel."""
         t, n = self.ranks[0]["fetch_times"], self.spec.n
@@ -193,7 +199,7 @@ class Run:
 
     def summary(self) -> dict:
         return {"side": self.side, "cmd": self.cmd, "wall_s": self.wall_s, "first_step_s": self.first_step_s,
-                "steady_ms": self.steady_ms, "steady_cpu_ms": self.steady_cpu_ms,
+                "exit_s": self.exit_s, "steady_ms": self.steady_ms, "steady_cpu_ms": self.steady_cpu_ms,
                 "peak_rss_mib": self.peak_rss_mib, "loop_rss_mib": [r["loop_rss_mib"] for r in self.ranks],
                 "window_gc_ms": (self.ranks[0]["fetch_gc_times"][3 * self.spec.n]
                                  - self.ranks[0]["fetch_gc_times"][self.spec.n]) * 1e3,
