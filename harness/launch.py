@@ -24,6 +24,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from harness import errors, incidents, watchdog
+from harness.config import HANDED
 from harness.devices import DevicePlan
 
 
@@ -105,14 +106,16 @@ def quiet_agent() -> Iterator[None]:
 
 
 def launch_workers(plan: DevicePlan, *, run_id: str, overrides: list[str], max_restarts: int,
-                   omp_threads: int, forward: str = "SIGUSR2", run_dir: Path | None = None) -> int:
-    """Run `plan.nproc` workers to completion; return the exit code for the launcher.
+                   omp_threads: int, forward: str = "SIGUSR2", run_dir: Path | None = None, config: str = "") -> int:
+    """Run `plan.nproc` workers to completion; return the exit code for the launcher. They get
+    `overrides` on their command line, and `config` (config.hand_over: the composition those
+    overrides made here) so that they need not compose them again.
 
     A lost or failed rank that the workers' watchdogs recorded in `run_dir`/incidents.jsonl during
     this launch becomes one line per incident instead of the agent's summary (exit EXIT_PEER_LOST
     when a rank was lost; 1 when one failed)."""
     started = time.time()
-    config = LaunchConfig(
+    agent = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=plan.nproc,
@@ -123,10 +126,11 @@ def launch_workers(plan: DevicePlan, *, run_id: str, overrides: list[str], max_r
         monitor_interval=0.1,
         local_addr="127.0.0.1",
     )
-    with patched_environ(worker_environment(plan, run_id, omp_threads, os.environ, max_restarts)), \
+    handed = {HANDED: config} if config else {}
+    with patched_environ({**worker_environment(plan, run_id, omp_threads, os.environ, max_restarts), **handed}), \
             forwarding(forward), quiet_agent():
         try:
-            elastic_launch(config, sys.executable)("-u", "-m", "harness.train", *overrides)
+            elastic_launch(agent, sys.executable)("-u", "-m", "harness.train", *overrides)
         except ChildFailedError as exc:
             found = incidents.read(run_dir, since=started) if run_dir is not None else []
             if any(f.exitcode == errors.EXIT_USER_ERROR for f in exc.failures.values()) and \

@@ -24,7 +24,16 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from harness import errors, preempt, rundir, slurm
 from harness.batching import plan_batch
-from harness.config import ConfigError, compose, conf_dir, quote_device_override, register_configs, to_config
+from harness.config import (
+    ConfigError,
+    compose,
+    conf_dir,
+    hand_over,
+    handed,
+    quote_device_override,
+    register_configs,
+    to_config,
+)
 from harness.devices import count_visible_gpus, place
 from harness.env import detect, run_id
 from harness.job import run_job
@@ -52,7 +61,8 @@ def launch(cfg: DictConfig) -> int:
             print(stopped_line("SIGINT" if result.stopped == "interrupted" else "SIGTERM", Path(c.run_root) / rid,
                                rid), file=sys.stderr)
         return exit_code(result.stopped)
-    code = launch_workers(plan, run_id=rid, overrides=[*list(hc.overrides.task), *_search_path_override(hc)],
+    code = launch_workers(plan, run_id=rid, config=hand_over(cfg),
+                          overrides=[*list(hc.overrides.task), *_search_path_override(hc)],
                           max_restarts=c.dist.max_restarts, omp_threads=c.dist.omp_threads,
                           forward=c.trainer.preempt_signal, run_dir=Path(c.run_root) / rid)
     if code == 0 and preempt.was_preempted(Path(c.run_root) / rid):
@@ -106,7 +116,8 @@ def worker(argv: list[str]) -> None:
         if flags:
             raise ConfigError(f"{flags[0]!r}: under torchrun or srun pass overrides only "
                               "(sweeps with -m run from the launcher: python -m harness.train -m ...)")
-        result = run_job(compose(argv), run_id=run_id(os.environ))  # compose: ConfigError in Hydra's words
+        cfg = handed(os.environ) or compose(argv)  # compose: ConfigError in Hydra's words
+        result = run_job(cfg, run_id=run_id(os.environ))
     if result.stopped in ("terminated", "interrupted"):  # preempted workers exit 0: the agent must not restart them
         raise SystemExit(exit_code(result.stopped))
 

@@ -6,9 +6,20 @@ from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from harness.config import Config, ConfigError, compose, conf_dir, quote_device_override, to_config
+from harness.config import (
+    HANDED,
+    Config,
+    ConfigError,
+    compose,
+    conf_dir,
+    hand_over,
+    handed,
+    quote_device_override,
+    to_config,
+)
 
 CONF = conf_dir()
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
@@ -109,3 +120,18 @@ def test_every_config_file_is_instantiated_not_only_composed(option: str) -> Non
         x, _ = dataset[0]
         out = model(x.unsqueeze(0))
         assert out.shape[-1] == 10  # the shipped dataset through the configured model
+
+
+def test_the_launchers_composition_reaches_its_workers_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers of our launcher take its composed config (no second composition at start-up): the
+    same values, schema and unresolved interpolations as composing the overrides again."""
+    overrides = ["model=small_cnn", "trainer.epochs=3", "data.url=''", "+data.dataset.extra=1"]
+    cfg = compose(overrides)
+    value = hand_over(cfg)
+    assert len(value) < 64_000  # one environment variable, far below the kernel's 128 KiB per string
+    got = handed({HANDED: value, "HARNESS_LAUNCHED": "1"})
+    assert got is not None and got == cfg and OmegaConf.to_yaml(got) == OmegaConf.to_yaml(cfg)
+    monkeypatch.setenv("HARNESS_CACHE", "/elsewhere")  # interpolations resolve in the worker, as before
+    assert to_config(got) == to_config(compose(overrides)) and to_config(got).data.root == "/elsewhere"
+    assert handed({HANDED: value}) is None  # only our launcher's workers (torchrun, srun: compose)
+    assert handed({"HARNESS_LAUNCHED": "1"}) is None
