@@ -35,8 +35,10 @@ def run_job(cfg: DictConfig, *, run_id: str | None = None) -> engine.FitResult:
     finally:
         # FSDP's hooks put the model in reference cycles that hold the (destroyed) process group: left to
         # the interpreter's exit, gloo's destructor runs half torn down and aborts the process ("terminate
-        # called without an active exception", seen once in ~20 fsdp runs); collect them now, alive
-        gc.collect()
+        # called without an active exception", seen once in ~20 fsdp runs); collect them now, alive. Only
+        # then: the job imported torch._dynamo (its first optimizer does), and walking that takes 0.17 s
+        if cfg.trainer.strategy == "fsdp":
+            gc.collect()
         gc.unfreeze()  # a second job in this process starts as the first did
 
 
