@@ -1,9 +1,9 @@
 """results.png: loss and metric curves from metrics.csv, in the spirit of YOLOv5's results plot.
 
-`Plotter` redraws it in a thread of its own after every epoch, so that neither matplotlib's import
-(0.5-0.7 s on a 2-core machine) nor a drawing (0.15 s) stands between two epochs or on the way to
-the process's exit; `close()` waits for the drawing in progress, so the file shows every finished
-epoch once the run ends. The thread is the process's own (never a detached process, which Slurm or
+`Plotter` redraws it in a thread of its own as epochs end (at most every 30 s), so that neither
+matplotlib's import (0.5-0.7 s on a 2-core machine) nor a drawing (0.15 s) stands between two
+epochs; `close()` draws what is pending and waits for it, so the file shows every finished epoch
+once the run ends. The thread is the process's own (never a detached process, which Slurm or
 the elastic agent could kill mid-write), and every drawing replaces the file atomically.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import threading
+import time
 from pathlib import Path
 
 from harness import atomic
@@ -41,21 +42,24 @@ def plot_results(metrics_csv: Path, out: Path) -> Path | None:
 
 
 class Plotter:
-    """results.png from `metrics_csv`, redrawn after each `update()` in one background thread.
+    """results.png from `metrics_csv`, redrawn in one background thread after `update()`s.
 
-    Updates that arrive while a drawing is under way coalesce into one more drawing. A drawing that
-    fails is logged once and the run goes on (a plot is never worth a training run)."""
+    A drawing during training starts at most every `every_s` seconds (matplotlib's import and a
+    drawing cost 0.7 s of CPU the training shares; a short run draws once, at close); updates that
+    arrive in between, or during a drawing, coalesce. A drawing that fails is logged once and the
+    run goes on (a plot is never worth a training run)."""
 
-    def __init__(self, metrics_csv: Path, out: Path) -> None:
-        self.metrics_csv, self.out = metrics_csv, out
+    def __init__(self, metrics_csv: Path, out: Path, every_s: float = 30.0) -> None:
+        self.metrics_csv, self.out, self.every_s = metrics_csv, out, every_s
         self._cond = threading.Condition()
         self._requested = self._drawn = 0  # updates asked for; the newest one drawn (or given up)
+        self._last = time.monotonic()  # when the last drawing started (the first waits as long from here)
         self._closing = False
         self._thread: threading.Thread | None = None
         self.failed: BaseException | None = None
 
     def update(self) -> None:
-        """metrics.csv has a new row: draw it (soon, off this thread). Once per epoch, never per step."""
+        """metrics.csv has a new row: draw it (off this thread). Once per epoch, never per step."""
         with self._cond:
             if self._closing:
                 return
@@ -66,7 +70,7 @@ class Plotter:
                 self._thread.start()
 
     def close(self) -> None:
-        """Wait until every update so far is drawn (or failed); idempotent."""
+        """Draw what is pending now, and wait until it is drawn (or failed); idempotent."""
         with self._cond:
             self._closing = True
             self._cond.notify()
@@ -77,11 +81,15 @@ class Plotter:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while self._drawn == self._requested and not self._closing:
-                    self._cond.wait()
-                if self._drawn == self._requested:
-                    return  # closing, nothing left to draw
-                newest = self._requested
+                while True:
+                    pending = self._requested > self._drawn
+                    wait = self.every_s - (time.monotonic() - self._last)
+                    if pending and (self._closing or wait <= 0):
+                        break
+                    if self._closing:
+                        return  # nothing left to draw
+                    self._cond.wait(timeout=wait if pending else None)
+                newest, self._last = self._requested, time.monotonic()
             if self.failed is None:
                 try:
                     plot_results(self.metrics_csv, self.out)

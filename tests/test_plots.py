@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,24 @@ def test_close_without_updates_starts_nothing(tmp_path: Path) -> None:
     plotter = plots.Plotter(tmp_path / "metrics.csv", tmp_path / "results.png")
     plotter.close()
     assert not (tmp_path / "results.png").exists()
+
+
+def test_during_training_a_drawing_starts_at_most_every_every_s(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn: list[int] = []
+    monkeypatch.setattr(plots, "plot_results", lambda csv, out: drawn.append(len(drawn)))
+    eager = plots.Plotter(tmp_path / "metrics.csv", tmp_path / "a.png", every_s=0.0)
+    eager.update()
+    deadline = time.monotonic() + 30
+    while not drawn and time.monotonic() < deadline:  # drawn without waiting for close()
+        time.sleep(0.01)
+    assert drawn == [0]
+    eager.close()
+    drawn.clear()
+    lazy = plots.Plotter(tmp_path / "metrics.csv", tmp_path / "b.png", every_s=3600.0)
+    for _ in range(5):
+        lazy.update()
+    time.sleep(0.2)
+    assert drawn == []  # too soon: only close() draws, once, with every row
+    lazy.close()
+    assert drawn == [0]
