@@ -65,7 +65,7 @@ def load_avg() -> list[float]:
 def pair_stats(pairs: list[dict]) -> dict[str, dict]:
     """Per side and metric: median [min-max] over the pairs, plus the ratios harness/reference."""
     out: dict[str, dict] = {}
-    for metric in ("steady_ms", "steady_cpu_ms", "first_step_s", "wall_s"):
+    for metric in ("steady_ms", "steady_cpu_ms", "first_step_s", "exit_s", "wall_s"):
         ref = [p["reference"][metric] for p in pairs]
         har = [p["harness"][metric] for p in pairs]
         out[metric] = {"reference": spread(ref), "harness": spread(har),
@@ -111,7 +111,10 @@ def table(result: dict) -> str:
             continue
         pairs = f"{st['steady_ms']['reference']['n']} pairs"
         for label, key, digits in (("steady ms/step", "steady_ms", 3), ("  CPU ms/step", "steady_cpu_ms", 3),
-                                   ("first step s", "first_step_s", 2), ("total wall s", "wall_s", 2)):
+                                   ("first step s", "first_step_s", 2), ("last step to exit s", "exit_s", 2),
+                                   ("total wall s", "wall_s", 2)):
+            if key not in st:  # a results file from before exit_s
+                continue
             x = st[key]
             lines.append(f"{name:<18}{label:<22}{fmt(x['reference'], digits):<26}{fmt(x['harness'], digits):<26}"
                          f"{x['ratio_of_medians']:.3f} ({x['pair_ratios']['min']:.2f}-{x['pair_ratios']['max']:.2f})")

@@ -126,6 +126,33 @@ def launcher_stats(setting: dict, harness_torchrun: list[dict]) -> dict:
         "harness": report.spread([p["harness"]["first_step_s"] for p in pairs])}}
 
 
+def json_lines(result: dict) -> list[str]:
+    """One JSON object per setting (and for the in-process and launcher measurements), for scripts:
+    the ratios harness/reference with their spread over pairs, the machine, the git revision."""
+    machine = result["machine"]
+    base = {"bench": "run", "device": result["params"]["device"], "machine": machine, "git": machine["git_commit"]}
+    out = []
+    for s in result["settings"]:
+        st = s.get("stats")
+        if not st:
+            continue
+        ratios = {m: {"ratio_of_medians": st[m]["ratio_of_medians"], "pair_ratios": st[m]["pair_ratios"]}
+                  for m in ("steady_ms", "steady_cpu_ms", "first_step_s", "exit_s", "wall_s")}
+        diffs = {m: st[m]["harness"]["median"] - st[m]["reference"]["median"]
+                 for m in ("first_step_s", "exit_s", "wall_s")}
+        rss = st.get("peak_rss_mib", {}).get("ratio_of_medians")
+        out.append({**base, "name": f"{s['arch']} x{s['world']}", "n": s["n"], "ratios": ratios,
+                    "median_differences_s": diffs, "peak_rss_ratio": rss, "weights": st["weights"]})
+    for ip in result.get("inproc") or []:
+        out.append({**base, "name": f"inproc {ip['arch']} x{ip.get('world_size', 1)}", "ratios": ip["ratios"],
+                    "watchdog_ab": ip.get("watchdog_ab"), "rounds": ip["rounds"],
+                    "weights_equal_rounds": ip["weights_equal_rounds"]})
+    if result.get("launcher"):
+        f = result["launcher"]["first_step_s"]
+        out.append({**base, "name": f"first step x{result['launcher']['world']}", "first_step_s": f})
+    return [json.dumps(o, default=str) for o in out]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
@@ -221,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                         result["notes"].append(f"{side} ran with {p[side]['threads']} threads, not {args.threads}")
         print(report.table(result))
     print(f"\nraw results: {path} ({result['seconds']:.0f} s)")
+    for line in json_lines(result):
+        print(line)
     return code
 
 

@@ -84,4 +84,9 @@ def test_bench_runs_both_sides_for_a_few_steps(tmp_path: Path) -> None:
     assert len(data["zero_first"]["latency_ms"]["zero_first"]) == 2
     assert [ip["weights_equal_rounds"] for ip in data["inproc"]] == [2]  # the warm-up round and the measured one
     assert all(set(ip["watchdog_ab"]["cpu"]) == {"p10", "p50"} for ip in data["inproc"])
-    assert "liveness watchdog A/B" in proc.stdout
+    assert "liveness watchdog A/B" in proc.stdout and "last step to exit s" in proc.stdout
+    # the output ends with one JSON object per setting, for scripts (and scripts/gpu_check.sh prints them)
+    tail = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"bench": "run"')]
+    assert [t["name"] for t in tail] == ["mlp x2", "inproc mlp x2"]
+    assert proc.stdout.rstrip().endswith("}") and tail[0]["git"] == data["machine"]["git_commit"]
+    assert set(tail[0]["ratios"]) == {"steady_ms", "steady_cpu_ms", "first_step_s", "exit_s", "wall_s"}
