@@ -51,7 +51,9 @@ class Strategy:
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         """What the loop calls forward on."""
         if self.name == "ddp":
-            return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+            # gradients as views of DDP's all-reduce buckets: one copy of every gradient less per step
+            return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                           gradient_as_bucket_view=True)
         if self.sharded:
             from torch.distributed.fsdp import FSDPModule
 
