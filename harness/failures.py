@@ -1,8 +1,9 @@
 """What kind of failure an exception is, on this rank and as the others hear of it.
 
 Owns `user_errors()` (the one tuple of what a user can cause: a bad device string, batch, config key
-or value, checksum, URL, archive, checkpoint, run directory), the exit codes of the two kinds that
-are not bugs (2: a user error; 130: Ctrl-C), and the watchdog's "failed" verdict that carries the
+or value, checksum, URL, archive, checkpoint, run directory), the exit codes that are not bugs (2: a
+user error; 3: preempted, requeue; 4: a peer lost; 130: Ctrl-C; 143: SIGTERM; importing them costs
+no torch, so the Slurm epilogue decides in 0.1 s), and the watchdog's "failed" verdict that carries the
 kind to the other ranks (`extra.user_error`, `extra.interrupted`), so a rank that stops for a peer's
 sake leaves with the peer's code. A service: the watchdog (harness/watchdog.py) and the entry
 points' wrapper (harness/errors.py) both use it; it imports only the modules that define the errors.
@@ -21,8 +22,10 @@ from omegaconf.errors import OmegaConfBaseException
 from harness.health import Identity, Verdict
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
+EXIT_PREEMPTED = 3  # `python -m harness.train` exits with this when the run was preempted (requeue it)
 EXIT_PEER_LOST = 4  # a rank left because a peer was lost (README: exit codes)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT (Ctrl-C): saved like SIGTERM; a rerun with the same run id resumes
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
 
 
 @functools.cache

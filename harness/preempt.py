@@ -24,13 +24,11 @@ import torch
 import torch.distributed as dist
 
 from harness import atomic
+from harness.failures import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_TERMINATED  # noqa: F401 (re-exported)
 
 NONE, PREEMPT, TERMINATE, INTERRUPT = 0, 1, 2, 3  # the all-reduce takes the max: Ctrl-C, then terminate win
 STOPPED = {PREEMPT: "preempted", TERMINATE: "terminated", INTERRUPT: "interrupted"}  # FitResult.stopped
 MARKER = "PREEMPTED"
-EXIT_PREEMPTED = 3  # `python -m harness.train` exits with this when the run was preempted (requeue it)
-EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
-EXIT_INTERRUPTED = 130  # 128 + SIGINT (Ctrl-C): saved like SIGTERM; a rerun with the same run id resumes
 
 
 class SignalWatch:

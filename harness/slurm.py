@@ -34,6 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from harness.config import ConfigError, compose, to_config
 from harness.env import SLURM_PORT_BASE, SLURM_PORT_SPAN, parse_hostlist, run_id
+from harness.failures import EXIT_PEER_LOST, EXIT_PREEMPTED
 
 MAX_REQUEUES = 50  # requeues a job may have (SLURM_RESTART_COUNT) before the next one is refused
 EXIT_USER_ERROR = 2
@@ -95,9 +96,6 @@ def decide(rc: int, *, terminated: bool, preempted: bool, lost: str) -> tuple[st
     Preempted: the workers saved at a step boundary, wrote PREEMPTED and exited 0. A peer lost: the
     step failed and this attempt's incidents name a loss. SIGTERM to the script (scancel, the time
     limit) never requeues."""
-    from harness.preempt import EXIT_PREEMPTED  # imports torch: only after the step
-    from harness.watchdog import EXIT_PEER_LOST
-
     if terminated:
         return None
     if rc == 0 and preempted:
