@@ -56,6 +56,9 @@ class FitResult:
         return self.history[-1] if self.history else {}
 
 
+_NO_CONTEXT = nullcontext()  # reusable: the step loop makes no context object when there is nothing to enter
+
+
 def _tensorboard(run_dir: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -125,7 +128,7 @@ class Loop:
         self.stopper = EarlyStopping(patience=trainer.patience, mode="max" if self.maximize else "min") \
             if trainer.patience else None
         amp = AMP_DTYPES.get(trainer.amp)
-        self.autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
+        self.autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else (lambda: _NO_CONTEXT)
         self.fp16 = trainer.amp == "fp16"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.fp16)
 
@@ -262,7 +265,7 @@ class Loop:
             micro = ((x, y),) if acc == 1 else zip(x.chunk(acc), y.chunk(acc), strict=True)
             for i, (xm, ym) in enumerate(micro):
                 progress.phase = FORWARD
-                with nullcontext() if i == acc - 1 else self.no_sync():
+                with _NO_CONTEXT if i == acc - 1 else self.no_sync():
                     with self.autocast():
                         loss = self.loss_fn(self.forward(xm), ym)
                         if acc > 1:
