@@ -1,5 +1,6 @@
 """`python -m bench.peers`' pure part: the rounds' order, the paired statistics against the
-reference, the table and the JSON lines. Functions of the runs' summaries (bench.runs.Run.summary)."""
+reference, the table and the JSON lines. Functions of the runs' summaries (bench.runs.Run.summary),
+so the table can be rebuilt from a results JSON: `python -m bench.peers.stats bench/results/<file>.json`."""
 
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def table(result: dict) -> str:
     sides = [s for s in result["sides"] if s in stats and stats[s]["rounds"]]
     others = [s for s in sides if s != REFERENCE]
     n = stats[REFERENCE]["rounds"] if REFERENCE in stats else 0
-    w = 20
+    w = 24
     lines = [
         f"peers side by side: {p['arch']} x{p['world']} gloo, global batch {p['batch']}, N={result['n']} "
         f"({3 * result['n'] + 1} steps), threads/process {p['threads']}, {n} interleaved rounds (order rotated)",
@@ -133,3 +134,12 @@ def json_lines(result: dict) -> list[str]:
                 line["weights"] = st["weights"]
         lines.append(json.dumps({**line, **common}, default=str))
     return lines
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m bench.peers.stats bench/results/<time>-peers-<arch>-x<world>.json")
+    print(table(json.loads(Path(sys.argv[1]).read_text())))
