@@ -78,3 +78,7 @@ bench: venv ## harness vs a hand-written loop, side by side, with ratios (~9 min
 .PHONY: bench-memory
 bench-memory: venv ## per-rank bytes, build and train peaks, step and checkpoint times: ddp vs fsdp at 1, 2, 4 ranks (~3-5 min); ARGS='--help'
 	$(BIN)/python -m bench.memory $(ARGS)
+
+.PHONY: bench-peers
+bench-peers: venv ## reference, harness, Lightning, Accelerate interleaved on cnn x2 (~15 min; needs pip install -e '.[peers]'); ARGS='--help'
+	$(BIN)/python -m bench.peers $(ARGS)

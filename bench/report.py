@@ -7,6 +7,7 @@ from a results JSON: `python -m bench.report bench/results/<file>.json`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -17,6 +18,27 @@ from pathlib import Path
 
 def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """A distribution-free confidence interval for the median: (low, high, coverage).
+
+    The order statistics x_(k) and x_(n+1-k) (1-based, sorted) with the largest k for which the
+    interval still covers the median with probability >= `confidence`: the count of values below
+    the median is Binomial(n, 1/2), so the coverage is 1 - 2 P(B <= k - 1). With too few values for
+    the asked confidence (n < 6 at 0.95) it is the whole range, and `coverage` says what that covers.
+    """
+    if not values:
+        raise ValueError("median_ci of no values")
+    x, n = sorted(values), len(values)
+
+    def coverage(k: int) -> float:
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= confidence:
+        k += 1
+    return x[k - 1], x[n - k], coverage(k)
 
 
 def fmt(s: dict[str, float], digits: int = 3) -> str:

@@ -130,9 +130,10 @@ def harness_cmd(spec: Spec, out: Path, run_root: Path, *, under_torchrun: bool =
     return [sys.executable, "-m", "harness.train", *overrides]
 
 
-def reference_cmd(spec: Spec, out: Path, save: Path, root: Path = REPO) -> list[str]:
-    """`python -m bench.reference` for one process, torchrun for several (as one would by hand)."""
-    args = ["-m", "bench.reference", f"--arch={spec.arch}", f"--steps={spec.steps}", f"--batch={spec.batch}",
+def reference_cmd(spec: Spec, out: Path, save: Path, root: Path = REPO, loop: str = "bench.reference") -> list[str]:
+    """`python -m bench.reference` for one process, torchrun for several (as one would by hand);
+    `loop`: another module that takes the reference's arguments (bench/peers/)."""
+    args = ["-m", loop, f"--arch={spec.arch}", f"--steps={spec.steps}", f"--batch={spec.batch}",
             f"--log-every={spec.log_every}", f"--seed={spec.seed}", f"--device={spec.device}", f"--amp={spec.amp}",
             f"--schedule={'cosine' if cosine_schedule(root) else 'constant'}", f"--out={out}", f"--save={save}"]
     if spec.channels_last:
@@ -210,15 +211,17 @@ class Run:
                 "threads": [r["threads"] for r in self.ranks], "sync_modes": [r["sync_modes"] for r in self.ranks]}
 
 
-def execute(side: str, spec: Spec, workdir: Path, timeout_s: float = 300.0, root: Path = REPO) -> Run:
+def execute(side: str, spec: Spec, workdir: Path, timeout_s: float = 300.0, root: Path = REPO,
+            loop: str | None = None) -> Run:
     """Run one side once from `root` (the checkout or a snapshot), its files in `workdir` (emptied
-    first); raises RunFailed with the output's tail."""
+    first); raises RunFailed with the output's tail. `loop`: a module taking the reference's
+    arguments, run as the reference is (a peer framework's loop, bench/peers/)."""
     shutil.rmtree(workdir, ignore_errors=True)
     out, run_root = workdir / "clock", workdir / "runs"
     out.mkdir(parents=True)
     save = workdir / "reference.pt"
-    if side == "reference":
-        cmd = reference_cmd(spec, out, save, root)
+    if side == "reference" or loop:
+        cmd = reference_cmd(spec, out, save, root, loop or "bench.reference")
     else:
         cmd = harness_cmd(spec, out, run_root, under_torchrun=side == "harness-torchrun", root=root)
     log = workdir / "output.log"
@@ -242,7 +245,7 @@ def execute(side: str, spec: Spec, workdir: Path, timeout_s: float = 300.0, root
     if spec.check_sync and not all(r["sync_modes"].get("error") for r in ranks):
         raise RunFailed(f"{side}: --check-sync, but no step ran under sync-debug 'error': "
                         f"{[r['sync_modes'] for r in ranks]}\n{tail}")
-    ckpt = save if side == "reference" else _newest_checkpoint(run_root)
+    ckpt = save if side == "reference" or loop else _newest_checkpoint(run_root)
     return Run(side, spec, cmd, start, end, ranks, str(ckpt) if ckpt and Path(ckpt).is_file() else None)
 
 
