@@ -72,8 +72,13 @@ test-multinode: venv ## only the multinode tests (several emulated hosts on this
 	$(BIN)/python -m pytest tests/multinode tests/test_rundir.py $(PYTEST_ARGS)
 
 .PHONY: bench
-bench: venv ## harness vs a hand-written loop, side by side, with ratios (~9 min on 2 cores); options: ARGS='--help'
+bench: venv ## harness vs a hand-written loop (~9 min on 2 cores), then make train's job vs the same by hand (~4 min); ARGS='--help' (bench.run's)
 	$(BIN)/python -m bench.run $(ARGS)
+	$(BIN)/python -m bench.job
+
+.PHONY: bench-job
+bench-job: venv ## only make train's job against the same job by hand (bench/by_hand.py), 10 rounds with an A/A pair (~4 min)
+	$(BIN)/python -m bench.job $(ARGS)
 
 .PHONY: bench-memory
 bench-memory: venv ## per-rank bytes, build and train peaks, step and checkpoint times: ddp vs fsdp at 1, 2, 4 ranks (~3-5 min); ARGS='--help'

@@ -54,27 +54,11 @@ def timed(cmd: list[str], env: dict[str, str], timeout_s: float) -> dict[str, fl
     return {"wall_s": wall, "first_epoch_s": first, "after_last_epoch_s": wall - last}
 
 
-def median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
-    """A distribution-free confidence interval for the median: order statistics k and n-1-k, k the
-    largest with P(Binomial(n, 1/2) < k+1) <= (1 - confidence) / 2 (the whole range when n is small)."""
-    xs, n = sorted(values), len(values)
-    from math import comb
-
-    k, tail = 0, 0.0
-    for j in range(n):
-        tail += comb(n, j) / 2**n
-        if tail > (1 - confidence) / 2:
-            break
-        k = j + 1
-    k = min(k, (n - 1) // 2)
-    return xs[k], xs[n - 1 - k]
-
-
 def paired(rounds: list[dict[str, dict[str, float]]], a: str, b: str, metric: str) -> dict[str, float]:
     diffs = [r[a][metric] - r[b][metric] for r in rounds]
-    lo, hi = median_ci(diffs)
-    return {"median": statistics.median(diffs), "ci95": [lo, hi], "min": min(diffs), "max": max(diffs),
-            "n": len(diffs)}
+    lo, hi, coverage = report.median_ci(diffs)
+    return {"median": statistics.median(diffs), "ci95": [lo, hi], "coverage": coverage, "min": min(diffs),
+            "max": max(diffs), "n": len(diffs)}
 
 
 def main(argv: list[str] | None = None) -> int:
