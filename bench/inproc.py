@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 from pathlib import Path
 
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     equal = 0
     # one run directory for every rank (the session checks that they share it), next to the result
     tmp = str(Path(args.out).with_suffix(".runs"))
+    if int(os.environ.get("RANK", 0)) == 0:  # a previous invocation's run directories would be resumed
+        shutil.rmtree(tmp, ignore_errors=True)
     with session(device="cpu", run_root=tmp, run_id_override="inproc", liveness=None) as s:
         for i in range(args.rounds + 1):  # round 0 warms up
             ref, ref_state = reference_round(args, Path(tmp) / f"r{i}", s)

@@ -45,7 +45,8 @@ class SignalWatch:
         self._work: Any = None  # the all-reduce in flight since the last check
         self._sent = torch.zeros(1, dtype=torch.int32)
         self._group = None
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        self._alone = not (dist.is_initialized() and dist.get_world_size() > 1)  # asked once, not every check
+        if not self._alone:
             # NCCL would need a CUDA tensor (and a device sync); a gloo group agrees on the CPU
             gloo = "gloo" in str(dist.get_backend())
             self._group = None if gloo else dist.new_group(backend="gloo")
@@ -75,7 +76,7 @@ class SignalWatch:
         """
         if step % self.check_every:
             return NONE
-        if not dist.is_initialized() or dist.get_world_size() == 1:
+        if self._alone:
             return self.flag
         decided = NONE
         if self._work is not None:
@@ -83,7 +84,7 @@ class SignalWatch:
             decided = int(self._sent.item())
             self._work = None
         if decided == NONE:
-            self._sent = torch.tensor([self.flag], dtype=torch.int32)
+            self._sent.fill_(self.flag)  # the tensor the last all-reduce has finished with
             self._work = dist.all_reduce(self._sent, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
         return decided
 
