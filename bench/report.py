@@ -182,6 +182,15 @@ def table(result: dict) -> str:
             lines.append(f"  liveness watchdog A/B (harness with / without it, dist.watchdog=false): CPU time p10 "
                          f"{ab['cpu']['p10']:.3f}, p50 {ab['cpu']['p50']:.3f}; wall p10 {ab['wall']['p10']:.3f}, "
                          f"p50 {ab['wall']['p50']:.3f}")
+    for c in result.get("step_calls") or []:
+        sides, extra = c["sides"], c["harness_minus_reference"]
+        more = ", ".join(f"{k} {v:+g}" for k, v in list(extra.items())[:8])
+        lines += ["", f"calls per step ({c['arch']} x{c['world_size']}, exact: runs of {c['steps']} and "
+                  f"{2 * c['steps']} steps differenced), reference / harness: Python functions "
+                  f"{sides['reference']['python']} / {sides['harness']['python']}, C functions "
+                  f"{sides['reference']['c']} / {sides['harness']['c']}, torch functions (tensor ops) "
+                  f"{sides['reference']['torch']} / {sides['harness']['torch']}",
+                  f"  the largest differences: {more}"]
     for note in result.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)

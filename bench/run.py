@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--inproc-rounds", type=int, default=10,
                    help="CPU: harness.fit vs the reference loop inside one process (bench/inproc.py; 0 = skip)")
     p.add_argument("--zero-first-rounds", type=int, default=20, help="zero_first latency rounds (0 = skip)")
+    p.add_argument("--no-calls", dest="calls", action="store_false",
+                   help="CPU: skip counting what one step of each loop calls (bench/step_calls.py)")
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting rounds after this many seconds")
     p.add_argument("--run-timeout-s", type=float, default=240.0, help="one command's limit")
     p.add_argument("--no-snapshot", dest="snapshot", action="store_false",
@@ -111,6 +113,17 @@ def run_inproc(args: argparse.Namespace, spec: Spec, work: Path, root: Path) -> 
     return result
 
 
+def run_step_calls(spec: Spec, work: Path, timeout_s: float, root: Path) -> dict:
+    """bench/step_calls.py for one setting: per-step call counts of both loops, exact."""
+    out = work / f"calls-{spec.arch}-x{spec.world}.json"
+    launcher = torchrun(spec.world) if spec.world > 1 else [sys.executable]
+    cmd = [*launcher, "-m", "bench.step_calls", f"--arch={spec.arch}", f"--batch={spec.batch}", f"--out={out}"]
+    proc = subprocess.run(cmd, cwd=root, env=clean_env(spec, root), capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0 or not out.is_file():
+        raise RunFailed(f"step_calls (exit {proc.returncode}): {' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return json.loads(out.read_text())
+
+
 def choose_n(step_ms: float, window_s: float, log_every: int, cap: int = 5000) -> int:
     """N (a multiple of log_every) for a steady window of 2N steps lasting about `window_s`."""
     n = round(window_s * 1e3 / step_ms / 2 / log_every) * log_every
@@ -147,6 +160,9 @@ def json_lines(result: dict) -> list[str]:
         out.append({**base, "name": f"inproc {ip['arch']} x{ip.get('world_size', 1)}", "ratios": ip["ratios"],
                     "watchdog_ab": ip.get("watchdog_ab"), "rounds": ip["rounds"],
                     "weights_equal_rounds": ip["weights_equal_rounds"]})
+    for c in result.get("step_calls") or []:
+        out.append({**base, "name": f"calls per step {c['arch']} x{c['world_size']}", "sides": c["sides"],
+                    "harness_minus_reference": c["harness_minus_reference"]})
     if result.get("launcher"):
         f = result["launcher"]["first_step_s"]
         out.append({**base, "name": f"first step x{result['launcher']['world']}", "first_step_s": f})
@@ -177,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {**report.machine(args.device), "harness_source": source_digest(root)},
         "load_start": report.load_avg(), "load_end": None,
         "settings": [{"arch": s.arch, "world": s.world, "n": s.n, "warmup": [], "pairs": []} for s in specs],
-        "launcher": None, "zero_first": None, "inproc": [], "notes": [],
+        "launcher": None, "zero_first": None, "inproc": [], "step_calls": [], "notes": [],
     }
     biggest = max(range(len(specs)), key=lambda i: specs[i].world)
     do_launcher = args.launcher_rounds > 0 and specs[biggest].world > 1
@@ -197,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
                 r = result["inproc"][-1]["ratios"]["cpu"]
                 log(f"{spec.arch} x{spec.world} in one process per rank: harness/reference CPU ms/step p10 "
                     f"{r['p10']:.3f}, p50 {r['p50']:.3f}")
+        if args.calls and args.device == "cpu":
+            for spec in specs:
+                result["step_calls"].append(run_step_calls(spec, work, args.run_timeout_s, root))
+                c = result["step_calls"][-1]["sides"]
+                log(f"{spec.arch} x{spec.world} calls per step, reference / harness: Python "
+                    f"{c['reference']['python']} / {c['harness']['python']}, C {c['reference']['c']} / "
+                    f"{c['harness']['c']}, torch "
+                    f"{c['reference']['torch']} / {c['harness']['torch']}")
         took: dict[int, float] = {}  # each setting's last round, to plan within the budget
         for rnd in range(args.warmup + args.pairs):
             measured = rnd - args.warmup

@@ -85,8 +85,11 @@ def test_bench_runs_both_sides_for_a_few_steps(tmp_path: Path) -> None:
     assert [ip["weights_equal_rounds"] for ip in data["inproc"]] == [2]  # the warm-up round and the measured one
     assert all(set(ip["watchdog_ab"]["cpu"]) == {"p10", "p50"} for ip in data["inproc"])
     assert "liveness watchdog A/B" in proc.stdout and "last step to exit s" in proc.stdout
+    assert "calls per step (mlp x2" in proc.stdout
     # the output ends with one JSON object per setting, for scripts (and scripts/gpu_check.sh prints them)
     tail = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"bench": "run"')]
-    assert [t["name"] for t in tail] == ["mlp x2", "inproc mlp x2"]
+    assert [t["name"] for t in tail] == ["mlp x2", "inproc mlp x2", "calls per step mlp x2"]
+    calls = tail[2]["sides"]  # counted, not timed: the same on any machine, within the logging steps' share
+    assert calls["harness"]["torch"] - calls["reference"]["torch"] < 1.0
     assert proc.stdout.rstrip().endswith("}") and tail[0]["git"] == data["machine"]["git_commit"]
     assert set(tail[0]["ratios"]) == {"steady_ms", "steady_cpu_ms", "first_step_s", "exit_s", "wall_s"}
