@@ -135,3 +135,11 @@ def test_the_launchers_composition_reaches_its_workers_whole(monkeypatch: pytest
     assert to_config(got) == to_config(compose(overrides)) and to_config(got).data.root == "/elsewhere"
     assert handed({HANDED: value}) is None  # only our launcher's workers (torchrun, srun: compose)
     assert handed({"HARNESS_LAUNCHED": "1"}) is None
+
+
+def test_no_config_file_sets_hydra_mode() -> None:
+    """The launcher skips Hydra's hydra.mode probe (a second composition, 0.15-0.2 s) unless the
+    command line brings other configs or sets it: that holds only while conf/ never sets it."""
+    for path in CONF.rglob("*.yaml"):
+        cfg = OmegaConf.load(path)
+        assert OmegaConf.select(cfg, "hydra.mode") is None and "mode:" not in path.read_text(), path
