@@ -31,8 +31,8 @@ from harness import checkpoint, preempt, watchdog
 from harness import dist as hdist
 from harness.batching import BatchPlan
 from harness.config import ConfigError, TrainerConfig
-from harness.data.sampler import GlobalBatchSampler
-from harness.evaluate import Metric, evaluate, sync_buffers, to_device, val_sampler, weights_digest
+from harness.data.sampler import GlobalBatchSampler, ShardSampler
+from harness.evaluate import Metric, evaluate, sync_buffers, to_device, weights_digest
 from harness.health import BACKWARD, DATA, EVAL, FORWARD, OPTIM, SAVE
 from harness.logs import MetricsWriter, get_logger
 from harness.plots import Plotter
@@ -136,9 +136,10 @@ class Loop:
                                           seed=seed)
         self.loader = DataLoader(train_set, batch_sampler=self.sampler, num_workers=num_workers, pin_memory=cuda,
                                  persistent_workers=num_workers > 0)
-        self.val_loader = DataLoader(val_set, sampler=val_sampler(_size(val_set), self.rank, self.world,
-                                                                  equal=self.strategy.sharded),
-                                     batch_size=max(batch.per_rank, 1), num_workers=num_workers, pin_memory=cuda)
+        # sharded: every rank runs as many forwards (each is a collective), the short shards padded
+        shard = ShardSampler(_size(val_set), rank=self.rank, world_size=self.world, pad=self.strategy.sharded)
+        self.val_loader = DataLoader(val_set, sampler=shard, batch_size=max(batch.per_rank, 1),
+                                     num_workers=num_workers, pin_memory=cuda)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.scheduler = build_scheduler(optimizer, total=trainer.epochs * self.steps_per_epoch,
                                          warmup=trainer.warmup_steps, kind=trainer.lr_schedule,

@@ -1,7 +1,7 @@
 """Evaluation over ranks, and what every rank must agree on about the model before it is used.
 
 Owns: `evaluate` (loss and metric over the whole validation set, each sample counted once across
-ranks), the validation sampler it needs (`val_sampler`), `sync_buffers` (rank 0's BatchNorm
+ranks, over a ShardSampler's shard), `sync_buffers` (rank 0's BatchNorm
 statistics on every rank) and `weights_digest`.
 
 Under a sharded strategy every forward is a collective (FSDP gathers the parameters), so every rank
@@ -32,11 +32,6 @@ Metric = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]]
 def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
-
-
-def val_sampler(n: int, rank: int, world_size: int, *, equal: bool) -> ShardSampler:
-    """Rank r's validation indices; `equal`: padded so that every rank has as many (sharded forwards)."""
-    return ShardSampler(n, rank=rank, world_size=world_size, pad=equal)
 
 
 @torch.no_grad()

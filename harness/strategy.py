@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from harness.config import ConfigError, FsdpConfig
+from harness.config import STRATEGIES, ConfigError, FsdpConfig
 from harness.utils.ema import ModelEMA, ShardEMA
 
 
@@ -93,7 +93,7 @@ def _fsdp_no_sync(forward: nn.Module) -> Any:
 
 def choose(name: str, world_size: int, fsdp: FsdpConfig | None = None, amp: str = "off") -> Strategy:
     """trainer.strategy (auto | ddp | fsdp) at this world size -> the strategy the run uses."""
-    if name not in ("auto", "ddp", "fsdp"):
-        raise ConfigError(f"trainer.strategy={name!r} is not one of auto, ddp, fsdp")
+    if name not in STRATEGIES:  # TrainerConfig checks it too; this is for a caller of the Python API
+        raise ConfigError(f"trainer.strategy={name!r} is not one of {', '.join(STRATEGIES)}")
     resolved = "fsdp" if name == "fsdp" else ("ddp" if world_size > 1 else "none")
     return Strategy(resolved, fsdp or FsdpConfig(), bf16=amp == "bf16")
