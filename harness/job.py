@@ -28,17 +28,20 @@ def run_job(cfg: DictConfig, *, run_id: str | None = None) -> engine.FitResult:
     """Train the job `cfg` describes, as this process's rank; raises on any failure."""
     # What exists now (torch's and the libraries' modules: some 300,000 objects) lives as long as the
     # process: no collection during the job walks it again (a full one took 0.2 s), and the job's own
-    # garbage below is found in milliseconds
+    # garbage below is found in milliseconds. torch._dynamo is among it: the first optimizer step
+    # imports it anyway (0.06 s to walk at the end if it came after the freeze)
+    import torch._dynamo  # noqa: F401
+
     gc.freeze()
     try:
         return _train(cfg, run_id)
     finally:
-        # FSDP's hooks put the model in reference cycles that hold the (destroyed) process group: left to
-        # the interpreter's exit, gloo's destructor runs half torn down and aborts the process ("terminate
-        # called without an active exception", seen once in ~20 fsdp runs); collect them now, alive. Only
-        # then: the job imported torch._dynamo (its first optimizer does), and walking that takes 0.17 s
-        if cfg.trainer.strategy == "fsdp":
-            gc.collect()
+        # The model's wrappers can sit in reference cycles that hold the destroyed process group (FSDP's
+        # hooks do): left to the interpreter's exit, gloo's destructor runs half torn down
+        # and aborts the process ("terminate called without an active exception": fsdp once in ~20 runs,
+        # a 4-rank ddp job on two Slurm nodes once in CI while this collection was fsdp-only); collect
+        # them now, while everything is alive
+        gc.collect()
         gc.unfreeze()  # a second job in this process starts as the first did
 
 
