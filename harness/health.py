@@ -15,6 +15,9 @@ earlier attempt left in a store that outlives it are never read):
 - whoever has something to say writes `verdict` (the first writer wins: compare_set) or
   `report/<n>` (stalls, which stop nobody by default), then bumps `news`, which every rank reads
   each period, so store traffic per rank per period does not grow with the world size.
+- a census (`Member.census`, `all_alive`): every rank's beat, read only when a rank's collective failed
+  and it must tell a lost peer (a verdict will come) from none (every other rank beats on: the error is
+  its own); one multi_get a period, for those few periods only.
 
 The step loop only sets `Progress.step` and `Progress.phase` (attribute stores of constants: no
 store call, no device sync, no lock, no allocation). A rank holds the others up when its position
@@ -227,6 +230,15 @@ class Member:
             record = json.loads(self.store.get(key))
         return record, self.store.add(self.keys.news, 0)
 
+    def census(self, world: int) -> dict[int, tuple[int, str]] | None:
+        """Every rank's beat count and phase; None while some rank has not beaten yet (a get of a missing
+        key would block until the store's timeout)."""
+        keys = [self.keys.beat(r) for r in range(world)]
+        if not self.store.check(keys):
+            return None
+        records = [json.loads(v) for v in self.store.multi_get(keys)]
+        return {r["rank"]: (r["count"], r["phase"]) for r in records}
+
     def post_verdict(self, verdict: Verdict) -> Verdict:
         """The first verdict of the attempt wins; returns the one that did."""
         text = verdict.to_json()
@@ -247,6 +259,11 @@ class Member:
         count = self.store.add(self.keys.reports, 0)
         reports = [Verdict.from_json(self.store.get(self.keys.report(n))) for n in range(reports_seen + 1, count + 1)]
         return verdict, reports
+
+
+def all_alive(before: dict[int, tuple[int, str]], now: dict[int, tuple[int, str]], me: int) -> bool:
+    """Every rank but `me` beat since the census `before` and is not leaving: no peer is lost."""
+    return all(now[r][0] > count and now[r][1] != EXITED for r, (count, _) in before.items() if r != me)
 
 
 def watch_shift(hosts: list[str]) -> int:

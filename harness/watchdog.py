@@ -118,6 +118,9 @@ class Watchdog:
         self._last_ok = now
         self._pending_stall: tuple[Verdict, int] | None = None  # waiting a few rounds for the peer's stack
         self._mine: tuple[tuple[int, int] | None, float] = (None, now)  # our own position, and since when
+        # explain()'s census: asked by the main thread, taken by the round thread on its own connection
+        self._census_asked, self._all_alive = threading.Event(), threading.Event()
+        self._census_since: dict[int, tuple[int, str]] | None = None
         self._acted = threading.Lock()
         self._stopping, self._done = threading.Event(), threading.Event()
         self._threads = [threading.Thread(target=self._rounds, name="harness-watchdog", daemon=True),
@@ -139,6 +142,8 @@ class Watchdog:
                 if news != self._news_seen:
                     self._news_seen = news
                     self._read_news()
+                if self._census_asked.is_set() and self.verdict is None:
+                    self._census()
             except Exception as exc:  # the store went away (its host died): a verdict of our own
                 if not self._stopping.is_set():
                     self._lost_store(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
@@ -197,6 +202,18 @@ class Watchdog:
             self._post(verdict)
         else:
             self.member.post_report(verdict)
+
+    def _census(self) -> None:
+        """explain() asked: is every other rank still beating? Counts from one census to a later one
+        tell; the news is read once more, so a verdict posted meanwhile is never passed over."""
+        counts = self.member.census(len(self.table))
+        if counts is None:
+            return
+        if self._census_since is None:
+            self._census_since = counts
+        elif health.all_alive(self._census_since, counts, self.me.rank) \
+                and self._own.add(self.keys.news, 0) == self._news_seen:
+            self._all_alive.set()
 
     def _dump_stacks(self, asked_by: int) -> None:
         """A watcher finds us holding the others up: every thread's stack into our own log, the main
@@ -289,13 +306,17 @@ class Watchdog:
         """Called by the main thread's error path: the verdict that explains `exc`, if any.
 
         A collective that failed because a peer went away is usually raised before the watchdog has
-        a verdict: wait for one (at most dead_after and three periods) when the error looks like it,
-        or when the caller knows a peer caused it (zero_first: the master posts its own failure)."""
+        a verdict: wait for one (at most dead_after and three periods) when the caller knows a peer
+        caused it (zero_first: the master posts its own failure), or when the error looks like it
+        until a census finds every other rank beating on (a collective's timeout with every rank
+        alive, a mismatched collective: this rank's own error, said within a few periods)."""
         self.leaving = True
         comm = isinstance(exc, dist.DistError) or COMM_ERROR.search(str(exc)) is not None
         if self.verdict is None and (peer_caused or comm):
+            if not peer_caused:
+                self._census_asked.set()
             deadline = time.monotonic() + self.config.dead_after + 3 * self.config.period
-            while self.verdict is None and time.monotonic() < deadline:
+            while self.verdict is None and not self._all_alive.is_set() and time.monotonic() < deadline:
                 time.sleep(0.05)
         return self.verdict
 

@@ -174,3 +174,28 @@ def test_a_rank_that_stops_beating_is_named_once_and_everyone_hears_it_next_peri
     rows = out["per_round"]
     # the verdict costs its reader 2 more operations (check, get) + the reports count, once
     assert max(max(row) for row in rows) <= 3 + 4
+
+
+@pytest.mark.timeout(60)
+def test_a_census_tells_every_rank_beating_on_from_a_lost_or_leaving_one() -> None:
+    """On a real TCPStore: no census while a rank has never beaten; every rank but the asker must beat
+    between two censuses (the asker's own count is its business), and one that said goodbye is leaving."""
+    server = dist.TCPStore("127.0.0.1", 0, 1, True, timedelta(seconds=30), wait_for_workers=False)
+    keys, world = Keys("census"), 4
+    members = [Member(server, keys, Identity(r, "h", 100 + r, 0.0), (r + 1) % world) for r in range(world)]
+    progress = Progress()
+    for m in members[:3]:
+        m.beat(progress)
+    assert members[0].census(world) is None  # rank 3 has not beaten yet
+    members[3].beat(progress)
+    before = members[0].census(world)
+    assert before == {r: (1, health.SETUP) for r in range(world)}
+    for m in members[1:3]:
+        m.beat(progress)
+    assert not health.all_alive(before, members[0].census(world), me=0)  # rank 3 has not beaten since
+    members[3].beat(progress)
+    assert health.all_alive(before, members[0].census(world), me=0)
+    assert not health.all_alive(before, members[1].census(world), me=1)  # rank 0 did not beat again
+    progress.phase = health.EXITED
+    members[0].beat(progress)
+    assert not health.all_alive(before, members[1].census(world), me=1)  # rank 0 beat, to say goodbye

@@ -293,3 +293,25 @@ def test_no_false_alarm_for_a_slow_rank_a_long_first_step_save_and_evaluation(tm
         text = log.read_text()
         assert " lost " not in text and " stuck " not in text and "holding the others up" not in text, text
     assert epochs(run_dir) == [1, 2]
+
+
+def test_a_collective_that_times_out_with_every_rank_alive_is_said_at_once_as_that_ranks_own_error(
+        tmp_path: Path) -> None:
+    """Rank 0's first forward outlasts dist.timeout: rank 1's all-reduce times out while rank 0 beats on.
+    No peer is lost, so no verdict will come: rank 1's census sees every rank beating and it reports the
+    timeout as its own failure within a few periods, where it once waited dead_after and three periods
+    more for a verdict. The bound is that promise: dist.timeout + dead_after from the first step."""
+    run_dir, timeout = tmp_path / "runs" / "job", 5.0
+    proc = launch(tmp_path, "job", "trainer.epochs=1", f"dist.timeout={timeout}",
+                  "model._target_=tests.liveness.parts.HazardCNN", "+model.rank=0", "+model.first_s=60")
+    wait_for(lambda: "data: " in _text(run_dir / "train.log") or proc.poll() is not None, "the first step")
+    t0 = time.time()
+    out = proc.finish(timeout=120)
+    assert proc.returncode != 0, out
+    found = incidents(run_dir)
+    assert [(i["kind"], i["subject"]["rank"]) for i in found] == [("failed", 1)], (found, out)
+    assert re.search(r"timed out", found[0]["cause"], re.I), found[0]["cause"]
+    said = found[0]["time"] - t0
+    report("a collective timed out, every rank alive -> rank 1's own failure told", said)
+    assert said < timeout + DEAD_AFTER, (said, out)
+    assert_no_process_left(str(tmp_path))
